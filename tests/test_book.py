@@ -75,7 +75,8 @@ def test_pages_load_nothing_from_another_host(built_book):
 def test_stylesheets_fetch_no_remote_fonts_or_images(built_book):
     offenders = []
     for css in (built_book / "_static").rglob("*.css"):
-        for url in re.findall(r"url\(\s*['\"]?([^'\")]+)", css.read_text(encoding="utf-8", errors="replace")):
+        text = css.read_text(encoding="utf-8", errors="replace")
+        for url in re.findall(r"url\(\s*['\"]?([^'\")]+)", text):
             if _is_remote(url):
                 offenders.append(f"{css.relative_to(built_book)}: {url}")
     assert not offenders, "stylesheets reference remote files:\n" + "\n".join(offenders)

@@ -1,0 +1,31 @@
+"""One pre-LN decoder block (GPT-2)."""
+
+import numpy as np
+
+from qkv._checks import BLOCK_PARAM_KEYS, check_keys
+
+from .attention import multi_head_attention
+from .layer_norm import layer_norm
+from .mlp import mlp
+
+
+def decoder_block(x: np.ndarray, params: dict, n_head: int, mask=None) -> np.ndarray:
+    """x + attention(LN1(x)), then x + MLP(LN2(x)).
+
+    x: (..., seq, d_model)
+    params: dict with ln1_gamma ln1_beta w_qkv b_qkv w_out b_out ln2_gamma ln2_beta
+            w_fc b_fc w_proj b_proj (shapes as in multi_head_attention, layer_norm and mlp)
+    mask: optional bool, broadcastable to (..., seq, seq), ANDed with the causal mask.
+    returns: (..., seq, d_model)
+
+    Pre-LN: each sublayer reads a normalized copy of the residual stream and adds its result
+    back, so the stream itself is never normalized and gradients flow straight through the sums.
+    """
+    p = params
+    check_keys("decoder_block", p, BLOCK_PARAM_KEYS)
+    h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"])
+    x = x + multi_head_attention(h, p["w_qkv"], p["b_qkv"], p["w_out"], p["b_out"], n_head,
+                                 mask=mask, causal=True)
+    h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"])
+    x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
+    return x  # (..., seq, d_model)

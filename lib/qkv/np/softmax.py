@@ -1,0 +1,23 @@
+"""Numerically stable softmax."""
+
+import numpy as np
+
+from qkv._checks import check_float
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """exp(x) / sum(exp(x)) along ``axis``, same shape as ``x``.
+
+    Stable: subtracting the row max first leaves the result unchanged (the factor exp(-max)
+    cancels) but keeps exp() from overflowing, so x = 1e4 works.
+
+    A row that is all -inf (a query allowed to attend to nothing) gives all zeros, not NaN.
+    """
+    check_float("softmax", "x", x)
+    m = np.max(x, axis=axis, keepdims=True)
+    # An all -inf row has max -inf and (-inf) - (-inf) = NaN; shift such rows by 0 instead,
+    # so exp gives zeros there.
+    m = np.where(m == -np.inf, 0.0, m)
+    e = np.exp(x - m)
+    total = np.sum(e, axis=axis, keepdims=True)  # >= 1 on any row with a finite entry
+    return e / np.where(total == 0, 1.0, total)  # all -inf rows: 0 / 1 = 0

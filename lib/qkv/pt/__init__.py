@@ -1,0 +1,39 @@
+"""qkv.pt: the PyTorch reference, mirroring qkv.np function for function.
+
+Same names, argument order and keywords as ``qkv.np``; attention functions add one keyword,
+``fused`` (torch's fused kernel instead of the naive path). Results follow the device and dtype
+of the inputs (CPU or CUDA; float32, float64, bfloat16). ``GPTConfig`` and ``GPT`` wrap the
+pure functions in GPT-2's module layout.
+"""
+
+from .attention import merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads
+from .block import decoder_block
+from .embedding import embed
+from .gelu import gelu
+from .layer_norm import layer_norm
+from .linear import linear
+from .loss import cross_entropy
+from .masking import causal_mask
+from .mlp import mlp
+from .model import GPT, GPTConfig
+from .positional import sinusoidal_positional_encoding
+from .softmax import softmax
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "causal_mask",
+    "cross_entropy",
+    "decoder_block",
+    "embed",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "merge_heads",
+    "mlp",
+    "multi_head_attention",
+    "scaled_dot_product_attention",
+    "sinusoidal_positional_encoding",
+    "softmax",
+    "split_heads",
+]

@@ -1,0 +1,204 @@
+"""GPT: the pure functions of qkv.pt wrapped in nn.Modules, in GPT-2's layout.
+
+Parameter names match Hugging Face's GPT-2 (transformer.wte, transformer.h[i].attn.c_attn, ...)
+and linear weights are stored (d_in, d_out) like GPT-2's Conv1D, so GPT-2 weights load
+without transposing. Every forward calls the same pure functions the book builds.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qkv._checks import check_min_ndim, check_n_head, check_token_ids, shape_of
+
+from .attention import multi_head_attention
+from .block import decoder_block
+from .embedding import embed
+from .layer_norm import layer_norm
+from .linear import linear
+from .loss import cross_entropy
+from .mlp import mlp
+
+
+@dataclass
+class GPTConfig:
+    """Sizes of a GPT.
+
+    vocab_size: vocab;  context_length: the longest seq the model accepts (rows of wpe);
+    n_layer: number of decoder blocks;  n_head: heads per block;  d_model: residual width
+    (d_head = d_model // n_head, MLP width d_ff = 4 * d_model).
+    dropout: probability of zeroing entries of the input embeddings (token + position) while
+        training; the blocks are pure functions without dropout.
+    bias: whether linear layers and layer norms have biases.
+    fused: attention through torch.nn.functional.scaled_dot_product_attention (fast);
+        False runs the naive path the book teaches.
+    """
+
+    vocab_size: int
+    context_length: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    dropout: float = 0.0
+    bias: bool = True
+    fused: bool = True
+
+    def __post_init__(self):
+        check_n_head("GPTConfig", self.d_model, self.n_head)
+
+
+class Linear(nn.Module):
+    """x @ weight + bias with weight stored (d_in, d_out) (GPT-2's Conv1D layout)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # filled by GPT's init
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x):  # (..., d_in) -> (..., d_out)
+        return linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.Module):
+    """layer_norm with a learned scale (weight = gamma) and shift (bias = beta)."""
+
+    def __init__(self, d_model: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
+
+    def forward(self, x):  # (..., d_model) -> (..., d_model)
+        return layer_norm(x, self.weight, self.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    """Holds c_attn (d_model -> 3*d_model, [Q | K | V]) and c_proj (d_model -> d_model)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = Linear(config.d_model, 3 * config.d_model, config.bias)
+        self.c_proj = Linear(config.d_model, config.d_model, config.bias)
+        self.config = config  # read at every call, so model.config.fused = False takes effect
+
+    def forward(self, x, mask=None):  # (..., seq, d_model) -> (..., seq, d_model)
+        return multi_head_attention(x, self.c_attn.weight, self.c_attn.bias, self.c_proj.weight,
+                                    self.c_proj.bias, self.config.n_head, mask=mask, causal=True,
+                                    fused=self.config.fused)
+
+
+class MLP(nn.Module):
+    """Holds c_fc (d_model -> 4*d_model) and c_proj (4*d_model -> d_model)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.d_model, 4 * config.d_model, config.bias)
+        self.c_proj = Linear(4 * config.d_model, config.d_model, config.bias)
+
+    def forward(self, x):  # (..., seq, d_model) -> (..., seq, d_model)
+        return mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+
+
+class Block(nn.Module):
+    """One decoder block: ln_1, attn, ln_2, mlp.
+
+    forward runs the pure ``decoder_block`` on this block's parameters, so the block's wiring
+    is written once. (Forward hooks therefore belong on the Block: its sub-modules hold the
+    weights but are not called one by one.)
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.d_model, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.d_model, config.bias)
+        self.mlp = MLP(config)
+        self.config = config
+
+    def params(self) -> dict:
+        """This block's parameters under the names ``decoder_block`` expects."""
+        return dict(
+            ln1_gamma=self.ln_1.weight, ln1_beta=self.ln_1.bias,
+            w_qkv=self.attn.c_attn.weight, b_qkv=self.attn.c_attn.bias,
+            w_out=self.attn.c_proj.weight, b_out=self.attn.c_proj.bias,
+            ln2_gamma=self.ln_2.weight, ln2_beta=self.ln_2.bias,
+            w_fc=self.mlp.c_fc.weight, b_fc=self.mlp.c_fc.bias,
+            w_proj=self.mlp.c_proj.weight, b_proj=self.mlp.c_proj.bias,
+        )
+
+    def forward(self, x, mask=None):  # (..., seq, d_model) -> (..., seq, d_model)
+        return decoder_block(x, self.params(), self.config.n_head, mask=mask,
+                             fused=self.config.fused)
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: token ids (..., seq) -> logits (..., seq, vocab).
+
+    Layout (GPT-2): transformer.wte (vocab, d_model), transformer.wpe (context, d_model),
+    transformer.h[i] (Block), transformer.ln_f, and lm_head whose weight IS wte's (tied).
+
+    Weights start GPT-2 style: normal(0, 0.02), with the projections that write into the
+    residual stream (the c_proj layers) at 0.02 / sqrt(2 * n_layer), so the stream's variance
+    does not grow with depth; biases 0, layer-norm scales 1. Seed with ``torch.manual_seed``
+    or pass a ``torch.Generator``.
+    """
+
+    def __init__(self, config: GPTConfig, *, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.d_model),
+            wpe=nn.Embedding(config.context_length, config.d_model),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.d_model, config.bias),
+        ))
+        # nn.Linear stores (vocab, d_model), the same shape as wte: share one parameter.
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        self._init_weights(generator)
+
+    @torch.no_grad()
+    def _init_weights(self, generator):
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():  # the tied weight appears once
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, residual_std, generator=generator)
+            elif p.ndim == 2:  # wte, wpe, c_attn, c_fc
+                nn.init.normal_(p, 0.0, 0.02, generator=generator)
+
+    def forward(self, token_ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """token_ids (..., seq) -> logits (..., seq, vocab); with targets (..., seq) also the
+        mean cross-entropy loss: returns (logits, loss). Targets equal to -1 are ignored."""
+        cfg = self.config
+        check_token_ids("GPT.forward", "token_ids", token_ids, vocab=cfg.vocab_size)
+        check_min_ndim("GPT.forward", "token_ids", token_ids, 1, "(..., seq)")
+        seq = token_ids.shape[-1]
+        if seq > cfg.context_length:
+            raise ValueError(f"GPT.forward: seq must be <= context_length {cfg.context_length}; "
+                             f"got token_ids {shape_of(token_ids)}")
+        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
+        x = embed(token_ids, wte) + wpe[:seq]  # (..., seq, d_model): token + learned position
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)  # (..., seq, d_model)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (..., seq, vocab) = x @ wte.T
+        if targets is None:
+            return logits
+        return logits, cross_entropy(logits, targets, ignore_index=-1)
+
+    def numpy_params(self) -> dict:
+        """All weights as float64 NumPy copies in the layout ``qkv.np.gpt_forward`` takes."""
+        def a(t):
+            return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+        T = self.transformer
+        return dict(
+            wte=a(T.wte.weight),
+            wpe=a(T.wpe.weight),
+            blocks=[{k: a(v) for k, v in block.params().items()} for block in T.h],
+            lnf_gamma=a(T.ln_f.weight),
+            lnf_beta=a(T.ln_f.bias),
+        )
