@@ -1,0 +1,41 @@
+"""qkv.grading: the checkers that the exercise notebooks' test cells call.
+
+Import it in the locked setup cell, before any learner code runs: the checkers capture trusted
+references to the numeric functions at import time (see ``_trusted``), so a learner who later
+rebinds ``np.allclose`` cannot make a wrong answer pass.
+
+Each checker is ``check_xxx(fn, hidden=False, backend="auto")``: it runs the learner's ``fn``
+on seeded inputs, compares with the reference in ``qkv.np`` and raises ``AssertionError`` naming
+the most likely mistake. A correct function passes silently.
+"""
+
+from . import _trusted
+from .checks import (
+    check_attention,
+    check_attention_scores,
+    check_causal_mask,
+    check_cross_entropy,
+    check_decoder_block,
+    check_gelu,
+    check_layer_norm,
+    check_multi_head_attention,
+    check_shift_targets,
+    check_softmax,
+    check_softmax_temperature,
+)
+
+__all__ = [
+    "check_attention",
+    "check_attention_scores",
+    "check_causal_mask",
+    "check_cross_entropy",
+    "check_decoder_block",
+    "check_gelu",
+    "check_layer_norm",
+    "check_multi_head_attention",
+    "check_shift_targets",
+    "check_softmax",
+    "check_softmax_temperature",
+]
+
+_trusted.seal()  # last: snapshot numpy, qkv (this package included) and builtins as they are now
