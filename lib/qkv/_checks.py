@@ -7,6 +7,7 @@ that was called, then says what was expected and what arrived, e.g.
     scaled_dot_product_attention: q and k must share d_head; got q (2, 5, 8) and k (2, 5, 16)
 """
 
+import re
 from math import prod
 from numbers import Integral
 
@@ -15,6 +16,21 @@ BLOCK_PARAM_KEYS = (
     "ln1_gamma", "ln1_beta", "w_qkv", "b_qkv", "w_out", "b_out",
     "ln2_gamma", "ln2_beta", "w_fc", "b_fc", "w_proj", "b_proj",
 )
+
+# Where Hugging Face's GPT-2 (GPT2LMHeadModel) keeps each of those, under transformer.h.{i}.
+# Its Conv1D layers store weights (d_in, d_out) like qkv, so they load without transposing.
+GPT2_BLOCK_KEYS = {
+    "ln1_gamma": "ln_1.weight", "ln1_beta": "ln_1.bias",
+    "w_qkv": "attn.c_attn.weight", "b_qkv": "attn.c_attn.bias",
+    "w_out": "attn.c_proj.weight", "b_out": "attn.c_proj.bias",
+    "ln2_gamma": "ln_2.weight", "ln2_beta": "ln_2.bias",
+    "w_fc": "mlp.c_fc.weight", "b_fc": "mlp.c_fc.bias",
+    "w_proj": "mlp.c_proj.weight", "b_proj": "mlp.c_proj.bias",
+}
+GPT2_TOP_KEYS = ("transformer.wte.weight", "transformer.wpe.weight",
+                 "transformer.ln_f.weight", "transformer.ln_f.bias")
+# Per-block buffers (the causal mask) that some transformers versions save: not weights.
+GPT2_BLOCK_BUFFERS = ("attn.bias", "attn.masked_bias")
 
 
 def shape_of(x) -> tuple[int, ...]:
@@ -164,3 +180,32 @@ def check_attention(fn: str, q, k, v, mask) -> None:
     if mask is not None:
         target = broadcast_shape(batch, shape_of(v)[:-2]) + (q.shape[-2], k.shape[-2])
         check_mask(fn, mask, target, "(..., seq_q, seq_k)")
+
+
+def check_gpt2_state_dict(fn: str, state_dict) -> int:
+    """Check the keys of a GPT-2 (GPT2LMHeadModel) state dict; return its n_layer.
+
+    KeyError listing every missing and every unexpected key. The per-block buffers in
+    GPT2_BLOCK_BUFFERS are ignored; lm_head.weight may be absent (tied to wte), but if present
+    it must equal transformer.wte.weight (ValueError otherwise: qkv always ties them).
+    """
+    keys = set(state_dict)
+    layers = {int(m.group(1)) for key in keys if (m := re.match(r"transformer\.h\.(\d+)\.", key))}
+    n_layer = max(layers) + 1 if layers else 0
+    blocks = [f"transformer.h.{i}." for i in range(n_layer)]
+    expected = set(GPT2_TOP_KEYS) | {b + k for b in blocks for k in GPT2_BLOCK_KEYS.values()}
+    allowed = expected | {"lm_head.weight"} | {b + k for b in blocks for k in GPT2_BLOCK_BUFFERS}
+    missing, unexpected = sorted(expected - keys), sorted(keys - allowed)
+    if missing or unexpected:
+        raise KeyError(f"{fn}: not a GPT-2 (GPT2LMHeadModel) state dict; "
+                       f"missing keys {missing}, unexpected keys {unexpected}")
+    wte = state_dict["transformer.wte.weight"]
+    check_ndim(fn, "transformer.wte.weight", wte, 2, "(vocab, d_model)")
+    check_ndim(fn, "transformer.wpe.weight", state_dict["transformer.wpe.weight"], 2,
+               "(context, d_model)")
+    head = state_dict.get("lm_head.weight")
+    if head is not None and (shape_of(head) != shape_of(wte) or bool((head != wte).any())):
+        raise ValueError(f"{fn}: lm_head.weight must equal transformer.wte.weight "
+                         f"(qkv ties the unembedding to the embedding); got a different "
+                         f"lm_head.weight {shape_of(head)}")
+    return n_layer

@@ -3,35 +3,77 @@
 Same names, argument order and keywords as ``qkv.pt``. Weights are explicit arguments,
 stored (d_in, d_out) and applied as ``x @ w + b``. Shapes use the vocabulary
 batch seq d_model n_head d_head vocab ("..." = any leading dims).
+
+Backpropagation by hand: next to each function sits a pair ``*_forward(...) -> (out, cache)``
+and ``*_backward(dout, cache) -> dict of gradients`` (shaped like the inputs they belong to).
+The math is written once: where backward needs only the inputs and the output (linear,
+softmax, attention), ``*_forward`` calls the plain function and keeps them; where it needs
+intermediate values (layer norm's x_hat, gelu's tanh, the loss's softmax), the plain function
+calls ``*_forward`` and drops the cache. ``qkv.np.gradcheck`` checks a backward numerically.
 """
 
-from .attention import merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads
-from .block import decoder_block
-from .embedding import embed
-from .gelu import gelu
-from .layer_norm import layer_norm
-from .linear import linear
-from .loss import cross_entropy
+from .attention import (
+    attention_backward,
+    attention_forward,
+    merge_heads,
+    multi_head_attention,
+    multi_head_attention_backward,
+    multi_head_attention_forward,
+    scaled_dot_product_attention,
+    split_heads,
+)
+from .block import decoder_block, decoder_block_backward, decoder_block_forward
+from .embedding import embed, embed_backward, embed_forward
+from .gelu import gelu, gelu_backward, gelu_forward
+from .gradcheck import numerical_gradient, relative_error
+from .layer_norm import layer_norm, layer_norm_backward, layer_norm_forward
+from .linear import linear, linear_backward, linear_forward
+from .loss import cross_entropy, cross_entropy_backward, cross_entropy_forward
 from .masking import causal_mask
-from .mlp import mlp
-from .model import gpt_forward
+from .mlp import mlp, mlp_backward, mlp_forward
+from .model import gpt_forward, gpt_loss_backward, gpt_loss_forward, params_from_gpt2_state_dict
 from .positional import sinusoidal_positional_encoding
-from .softmax import softmax
+from .softmax import softmax, softmax_backward, softmax_forward
 
 __all__ = [
+    "attention_backward",
+    "attention_forward",
     "causal_mask",
     "cross_entropy",
+    "cross_entropy_backward",
+    "cross_entropy_forward",
     "decoder_block",
+    "decoder_block_backward",
+    "decoder_block_forward",
     "embed",
+    "embed_backward",
+    "embed_forward",
     "gelu",
+    "gelu_backward",
+    "gelu_forward",
     "gpt_forward",
+    "gpt_loss_backward",
+    "gpt_loss_forward",
     "layer_norm",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "linear",
+    "linear_backward",
+    "linear_forward",
     "merge_heads",
     "mlp",
+    "mlp_backward",
+    "mlp_forward",
     "multi_head_attention",
+    "multi_head_attention_backward",
+    "multi_head_attention_forward",
+    "numerical_gradient",
+    "params_from_gpt2_state_dict",
+    "relative_error",
     "scaled_dot_product_attention",
     "sinusoidal_positional_encoding",
     "softmax",
+    "softmax_backward",
+    "softmax_forward",
     "split_heads",
 ]

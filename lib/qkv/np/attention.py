@@ -18,9 +18,9 @@ from qkv._checks import (
     shape_of,
 )
 
-from .linear import linear
+from .linear import linear_backward, linear_forward
 from .masking import causal_mask
-from .softmax import softmax
+from .softmax import softmax, softmax_backward
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weights=False):
@@ -84,6 +84,62 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
     causal: AND in the causal mask (default True: a decoder never looks ahead).
     returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq)) if return_weights.
     """
+    # The steps live in multi_head_attention_forward, which also keeps what backward needs.
+    out, cache = multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=mask,
+                                              causal=causal)
+    if return_weights:
+        weights = cache["attn"][-1]  # (..., n_head, seq, seq): kept by attention_forward
+        return out, weights
+    return out
+
+
+# --- forward/backward pairs ------------------------------------------------------------------
+
+def attention_forward(q, k, v, causal=True, mask=None):
+    """scaled_dot_product_attention for one head (or a stack of heads), and its cache.
+
+    q: (..., seq_q, d_head), k: (..., seq_k, d_head), v: (..., seq_k, d_v)
+    causal, mask: as in scaled_dot_product_attention (causal defaults to True here).
+    returns: out (..., seq_q, d_v), cache = (q, k, v, weights (..., seq_q, seq_k))
+    """
+    out, weights = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal,
+                                                return_weights=True)
+    return out, (q, k, v, weights)
+
+
+def attention_backward(dout, cache) -> dict:
+    """Gradients of attention from dout (..., seq_q, d_v).
+
+    returns: {"dq": like q, "dk": like k, "dv": like v}
+
+    Backward through out = weights @ v, then the softmax, then scores = q k^T / sqrt(d_head).
+    Blocked keys have weight 0, and the softmax gradient is 0 wherever its output is 0, so the
+    mask needs no special handling here.
+    """
+    q, k, v, weights = cache
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dv = np.swapaxes(weights, -1, -2) @ dout  # (..., seq_k, d_v)
+    dweights = dout @ np.swapaxes(v, -1, -2)  # (..., seq_q, seq_k)
+    dscores = softmax_backward(dweights, weights)["dx"]  # softmax's cache is its output
+    dq = dscores @ k * scale  # (..., seq_q, d_head)
+    dk = np.swapaxes(dscores, -1, -2) @ q * scale  # (..., seq_k, d_head)
+    return {"dq": _sum_to_shape(dq, q.shape), "dk": _sum_to_shape(dk, k.shape),
+            "dv": _sum_to_shape(dv, v.shape)}
+
+
+def _sum_to_shape(grad, shape):
+    """Undo broadcasting: a (k, v) shared by several batch entries collects all their gradients."""
+    grad = grad.sum(axis=tuple(range(grad.ndim - len(shape))))  # leading dims the input lacked
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True)  # dims where the input had size 1
+
+
+def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None,
+                                 causal=True):
+    """multi_head_attention (without return_weights), and the cache its backward needs.
+
+    Arguments and output as in multi_head_attention; returns out (..., seq, d_model), cache.
+    """
     fn = "multi_head_attention"
     check_float(fn, "x", x)
     check_min_ndim(fn, "x", x, 2, "(..., seq, d_model)")
@@ -95,12 +151,29 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
         check_mask(fn, mask, shape_of(x)[:-1] + (seq,), "(..., seq, seq)")
         mask = mask[..., None, :, :]  # (..., 1, seq, seq): one mask for all heads
 
-    qkv = linear(x, w_qkv, b_qkv)  # (..., seq, 3*d_model)
+    qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (..., seq, 3*d_model)
     q, k, v = np.split(qkv, 3, axis=-1)  # each (..., seq, d_model)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
-    result = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal,
-                                          return_weights=return_weights)
-    out, weights = result if return_weights else (result, None)  # out (..., n_head, seq, d_head)
+    out, attn_cache = attention_forward(q, k, v, causal=causal, mask=mask)
     out = merge_heads(out)  # (..., seq, d_model): heads side by side again
-    out = linear(out, w_out, b_out)  # (..., seq, d_model): mixes what the heads found
-    return (out, weights) if return_weights else out
+    out, out_cache = linear_forward(out, w_out, b_out)  # (..., seq, d_model): mixes the heads
+    return out, {"qkv": qkv_cache, "attn": attn_cache, "out": out_cache, "n_head": n_head}
+
+
+def multi_head_attention_backward(dout, cache) -> dict:
+    """Gradients of multi_head_attention from dout (..., seq, d_model).
+
+    returns: {"dx": (..., seq, d_model), "dw_qkv": (d_model, 3*d_model), "db_qkv": (3*d_model,),
+              "dw_out": (d_model, d_model), "db_out": (d_model,)}   (db_* None without biases)
+
+    The forward steps in reverse. split_heads and merge_heads only move numbers around, so
+    each one's backward is the other.
+    """
+    g_out = linear_backward(dout, cache["out"])
+    dheads = split_heads(g_out["dx"], cache["n_head"])  # (..., n_head, seq, d_head)
+    g_attn = attention_backward(dheads, cache["attn"])
+    dqkv = np.concatenate([merge_heads(g_attn[name]) for name in ("dq", "dk", "dv")],
+                          axis=-1)  # (..., seq, 3*d_model): columns [Q | K | V] as in w_qkv
+    g_qkv = linear_backward(dqkv, cache["qkv"])
+    return {"dx": g_qkv["dx"], "dw_qkv": g_qkv["dw"], "db_qkv": g_qkv["db"],
+            "dw_out": g_out["dw"], "db_out": g_out["db"]}

@@ -4,9 +4,9 @@ import numpy as np
 
 from qkv._checks import BLOCK_PARAM_KEYS, check_keys
 
-from .attention import multi_head_attention
-from .layer_norm import layer_norm
-from .mlp import mlp
+from .attention import multi_head_attention_backward, multi_head_attention_forward
+from .layer_norm import layer_norm_backward, layer_norm_forward
+from .mlp import mlp_backward, mlp_forward
 
 
 def decoder_block(x: np.ndarray, params: dict, n_head: int, mask=None) -> np.ndarray:
@@ -21,11 +21,49 @@ def decoder_block(x: np.ndarray, params: dict, n_head: int, mask=None) -> np.nda
     Pre-LN: each sublayer reads a normalized copy of the residual stream and adds its result
     back, so the stream itself is never normalized and gradients flow straight through the sums.
     """
+    out, _ = decoder_block_forward(x, params, n_head, mask=mask)  # the wiring lives there
+    return out
+
+
+def decoder_block_forward(x: np.ndarray, params: dict, n_head: int, mask=None):
+    """decoder_block(x, params, n_head, mask), and the cache decoder_block_backward needs.
+
+    returns: out (..., seq, d_model), cache (one cache per sublayer)
+    """
     p = params
     check_keys("decoder_block", p, BLOCK_PARAM_KEYS)
-    h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"])
-    x = x + multi_head_attention(h, p["w_qkv"], p["b_qkv"], p["w_out"], p["b_out"], n_head,
-                                 mask=mask, causal=True)
-    h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"])
-    x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
-    return x  # (..., seq, d_model)
+    h, ln1_cache = layer_norm_forward(x, p["ln1_gamma"], p["ln1_beta"])
+    a, attn_cache = multi_head_attention_forward(h, p["w_qkv"], p["b_qkv"], p["w_out"],
+                                                 p["b_out"], n_head, mask=mask, causal=True)
+    x = x + a  # (..., seq, d_model)
+    h, ln2_cache = layer_norm_forward(x, p["ln2_gamma"], p["ln2_beta"])
+    m, mlp_cache = mlp_forward(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
+    x = x + m  # (..., seq, d_model)
+    return x, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
+
+
+def decoder_block_backward(dout: np.ndarray, cache) -> dict:
+    """Gradients of decoder_block from dout (..., seq, d_model).
+
+    returns: {"dx": (..., seq, d_model), "params": {"ln1_gamma": ..., "w_qkv": ..., ...}}
+             with one gradient per parameter, under the same keys and shapes as params.
+
+    A residual x + f(x) sends its gradient two ways: unchanged along the stream, and through
+    f; the two add up at x. That untouched path is why deep pre-LN stacks still train.
+    """
+    ln1_cache, attn_cache, ln2_cache, mlp_cache = cache
+    g_mlp = mlp_backward(dout, mlp_cache)
+    g_ln2 = layer_norm_backward(g_mlp["dx"], ln2_cache)
+    dx = dout + g_ln2["dx"]  # (..., seq, d_model): the stream between the two sublayers
+    g_attn = multi_head_attention_backward(dx, attn_cache)
+    g_ln1 = layer_norm_backward(g_attn["dx"], ln1_cache)
+    dx = dx + g_ln1["dx"]  # (..., seq, d_model): the block's input
+    grads = dict(
+        ln1_gamma=g_ln1["dgamma"], ln1_beta=g_ln1["dbeta"],
+        w_qkv=g_attn["dw_qkv"], b_qkv=g_attn["db_qkv"],
+        w_out=g_attn["dw_out"], b_out=g_attn["db_out"],
+        ln2_gamma=g_ln2["dgamma"], ln2_beta=g_ln2["dbeta"],
+        w_fc=g_mlp["dw_fc"], b_fc=g_mlp["db_fc"],
+        w_proj=g_mlp["dw_proj"], b_proj=g_mlp["db_proj"],
+    )
+    return {"dx": dx, "params": grads}

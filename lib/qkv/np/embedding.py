@@ -20,3 +20,21 @@ def embed(token_ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     check_token_ids(fn, "token_ids", token_ids, vocab=table.shape[0])
     check_min_ndim(fn, "token_ids", token_ids, 1, "(..., seq)")
     return table[token_ids]  # (..., seq, d_model)
+
+
+def embed_forward(token_ids: np.ndarray, table: np.ndarray):
+    """embed(token_ids, table), and the cache embed_backward needs: (token_ids, table's shape)."""
+    return embed(token_ids, table), (token_ids, table.shape)
+
+
+def embed_backward(dout: np.ndarray, cache) -> dict:
+    """Gradient of the lookup: dout (..., seq, d_model) -> {"dtable": (vocab, d_model)}.
+
+    Row v of the table receives the sum of dout over every position holding token v; rows of
+    tokens that do not appear get 0. np.add.at adds repeated ids up (dtable[ids] += dout
+    would keep only one of them).
+    """
+    token_ids, table_shape = cache
+    dtable = np.zeros(table_shape, dtype=dout.dtype)  # (vocab, d_model)
+    np.add.at(dtable, token_ids, dout)
+    return {"dtable": dtable}

@@ -21,3 +21,23 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - m)
     total = np.sum(e, axis=axis, keepdims=True)  # >= 1 on any row with a finite entry
     return e / np.where(total == 0, 1.0, total)  # all -inf rows: 0 / 1 = 0
+
+
+def softmax_forward(x: np.ndarray):
+    """softmax(x) over the last axis, and the cache softmax_backward needs (the output itself).
+
+    x: (..., n) -> out (..., n), cache = out
+    """
+    out = softmax(x, axis=-1)
+    return out, out
+
+
+def softmax_backward(dout: np.ndarray, cache) -> dict:
+    """Gradient of softmax over the last axis: dout (..., n) -> {"dx": (..., n)}.
+
+    With y = softmax(x), dy_i/dx_j = y_i (delta_ij - y_j), so
+    dx = y * (dout - sum(dout * y)): only the output is needed, not x. Entries with y = 0
+    (blocked by a -inf, or a fully blocked row) get gradient 0.
+    """
+    y = cache  # (..., n)
+    return {"dx": y * (dout - (dout * y).sum(axis=-1, keepdims=True))}  # (..., n)

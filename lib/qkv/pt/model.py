@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qkv._checks import check_min_ndim, check_n_head, check_token_ids, shape_of
+from qkv._checks import (
+    check_gpt2_state_dict,
+    check_min_ndim,
+    check_n_head,
+    check_token_ids,
+    shape_of,
+)
 
 from .attention import multi_head_attention
 from .block import decoder_block
@@ -202,3 +208,61 @@ class GPT(nn.Module):
             lnf_gamma=a(T.ln_f.weight),
             lnf_beta=a(T.ln_f.bias),
         )
+
+    @classmethod
+    def from_gpt2_state_dict(cls, state_dict, config: GPTConfig | None = None, *,
+                             n_head: int | None = None) -> "GPT":
+        """A GPT holding the weights of a Hugging Face GPT-2 (GPT2LMHeadModel) state dict.
+
+        state_dict: name -> tensor (or NumPy array) under GPT-2's names: transformer.wte.weight,
+            transformer.wpe.weight, transformer.h.{i}.ln_1.weight, ....attn.c_attn.weight, ...,
+            transformer.ln_f.{weight,bias}; lm_head.weight may be absent (it is wte, tied).
+        config: the GPTConfig to build, checked against the weights' shapes. None: read
+            vocab_size, context_length, n_layer and d_model off the shapes; n_head cannot be
+            read off them, so pass ``n_head=`` (GPT2Config.n_head).
+        returns: a GPT with the state dict's dtype and device, fused attention as GPTConfig's
+            default.
+
+        Missing or unexpected keys raise a KeyError listing them. Our modules carry GPT-2's names
+        and its Conv1D (d_in, d_out) layout, so the weights load as they are.
+        """
+        fn = "GPT.from_gpt2_state_dict"
+        n_layer = check_gpt2_state_dict(fn, state_dict)
+        wte = torch.as_tensor(state_dict["transformer.wte.weight"])
+        found = dict(vocab_size=wte.shape[0], d_model=wte.shape[1], n_layer=n_layer,
+                     context_length=state_dict["transformer.wpe.weight"].shape[0])
+        if config is None:
+            if n_head is None:
+                raise ValueError(f"{fn}: n_head cannot be read off the weights' shapes; "
+                                 f"pass config= or n_head= (GPT2Config.n_head)")
+            config = GPTConfig(n_head=n_head, **found)
+        else:
+            wrong = {k: v for k, v in found.items() if getattr(config, k) != v}
+            if wrong or not config.bias or n_head not in (None, config.n_head):
+                raise ValueError(f"{fn}: config does not match the state dict, which has {found} "
+                                 f"and biases; got {config}" + (f" and n_head {n_head}"
+                                                                if n_head is not None else ""))
+        # The random init is overwritten at once; fork_rng keeps it from moving torch's global
+        # random state, so seeded code after loading runs as it would without the load.
+        with torch.random.fork_rng(devices=[]):
+            model = cls(config).to(device=wte.device, dtype=wte.dtype)
+        weights = {key: torch.as_tensor(state_dict[key]) for key in model.state_dict()
+                   if key != "lm_head.weight"}
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied
+        model.load_state_dict(weights)  # also checks every shape
+        return model
+
+    def to_gpt2_state_dict(self) -> dict:
+        """This model's weights under Hugging Face GPT-2's names, for
+        GPT2LMHeadModel.load_state_dict (with a GPT2Config of the same sizes).
+
+        The tensors share storage with the model (clone them to keep a snapshot). lm_head.weight
+        is included, as in GPT2LMHeadModel's own state dict. GPT-2 always has biases: a model
+        built with bias=False gets zero biases, which compute exactly the same function.
+        """
+        state = dict(self.state_dict())  # our names are already GPT-2's
+        for name, module in self.named_modules():
+            if isinstance(module, (Linear, LayerNorm)) and module.bias is None:
+                w = module.weight  # Linear (d_in, d_out), LayerNorm (d_model,): bias is (d_out,)
+                state[f"{name}.bias"] = torch.zeros(w.shape[-1], dtype=w.dtype, device=w.device)
+        return state
