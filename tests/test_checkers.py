@@ -181,7 +181,9 @@ def silent():
 
 
 def test_checker_registry_is_complete():
-    assert set(grading.__all__) == {check.__name__ for check in CHECKERS}
+    # the checkers of chapters 1, 2, 3 and 6 are tested in test_checkers_more.py, which also
+    # checks that the two lists together are exactly qkv.grading.__all__
+    assert {check.__name__ for check in CHECKERS} <= set(grading.__all__)
 
 
 @pytest.mark.parametrize("check, fn", CORRECT, ids=[c.__name__ for c in CHECKERS])
@@ -708,4 +710,14 @@ def test_notebook_points():
         ("softmax", "softmax-tests"): 3, ("softmax", "scores-tests"): 2,
         ("softmax", "temperature-tests"): 1, ("masked_attention", "mask-tests"): 2,
         ("masked_attention", "attention-tests"): 4, ("masked_attention", "targets-tests"): 1,
+        ("tokens_and_embeddings", "encode-tests"): 2, ("tokens_and_embeddings", "decode-tests"): 1,
+        ("tokens_and_embeddings", "one-hot-tests"): 2, ("tokens_and_embeddings", "embed-tests"): 1,
+        ("tokens_and_embeddings", "similarity-tests"): 2,
+        ("positional_encoding", "pe-tests"): 3, ("positional_encoding", "add-tests"): 2,
+        ("positional_encoding", "equivariance-tests"): 2,
+        ("queries_keys_values", "linear-tests"): 2, ("queries_keys_values", "scores-tests"): 2,
+        ("queries_keys_values", "lookup-tests"): 2, ("queries_keys_values", "design-tests"): 2,
+        ("multi_head_attention", "split-tests"): 2, ("multi_head_attention", "merge-tests"): 1,
+        ("multi_head_attention", "mha-tests"): 3, ("multi_head_attention", "count-tests"): 2,
+        ("multi_head_attention", "torch-tests"): 3,
     }

@@ -92,6 +92,9 @@ ref_decoder_block = _qnp.decoder_block
 ref_cross_entropy = _qnp.cross_entropy
 ref_split_heads = _qnp.split_heads
 ref_merge_heads = _qnp.merge_heads
+ref_embed = _qnp.embed
+ref_positional_encoding = _qnp.sinusoidal_positional_encoding
+ref_linear = _qnp.linear
 kind_of = dtype_kind
 tolerances = {key: dict(value) for key, value in TOL.items()}
 
