@@ -25,6 +25,7 @@ from .attention import (
 from .block import decoder_block, decoder_block_backward, decoder_block_forward
 from .embedding import embed, embed_backward, embed_forward
 from .gelu import gelu, gelu_backward, gelu_forward
+from .generate import filter_top_k, filter_top_p, generate
 from .gradcheck import numerical_gradient, relative_error
 from .layer_norm import layer_norm, layer_norm_backward, layer_norm_forward
 from .linear import linear, linear_backward, linear_forward
@@ -51,6 +52,9 @@ __all__ = [
     "gelu",
     "gelu_backward",
     "gelu_forward",
+    "generate",
+    "filter_top_k",
+    "filter_top_p",
     "gpt_forward",
     "gpt_loss_backward",
     "gpt_loss_forward",

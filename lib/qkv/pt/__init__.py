@@ -10,6 +10,7 @@ from .attention import merge_heads, multi_head_attention, scaled_dot_product_att
 from .block import decoder_block
 from .embedding import embed
 from .gelu import gelu
+from .generate import filter_top_k, filter_top_p, generate
 from .layer_norm import layer_norm
 from .linear import linear
 from .loss import cross_entropy
@@ -26,7 +27,10 @@ __all__ = [
     "cross_entropy",
     "decoder_block",
     "embed",
+    "filter_top_k",
+    "filter_top_p",
     "gelu",
+    "generate",
     "layer_norm",
     "linear",
     "merge_heads",

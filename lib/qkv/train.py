@@ -1,0 +1,478 @@
+"""Train a character-level GPT: ``python -m qkv.train --preset cpu-small``.
+
+The loop, nanoGPT-style, in one file:
+
+    text -> CharTokenizer -> ids -> 90/10 split -> random (x, y) batches (y = x shifted by one)
+    repeat: lr from the schedule -> loss = cross_entropy(GPT(x), y) -> backward
+            -> clip the gradient norm -> AdamW step
+    every eval_interval steps: mean train/val loss on fixed batches, and a checkpoint
+
+AdamW decays matrices only (embeddings and linear weights, ndim >= 2): shrinking biases and
+layer-norm gains toward zero buys no regularisation, it only fights the normalisation.
+The learning rate warms up linearly (Adam's moment estimates are noisy at first), then
+follows a cosine down to min_lr. CPU runs in float32; CUDA runs under bf16 autocast.
+
+Checkpoints hold the model, the optimizer, the step, the history and the state of every
+random generator (torch's, for dropout, and the batch sampler's), so ``--resume`` continues
+with exactly the losses the run would have had without the stop (bit for bit on CPU).
+"""
+
+import argparse
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from qkv.data import CharTokenizer, corpus_path, get_batch, load_text, sha256_of, split
+from qkv.pt import GPT, GPTConfig, cross_entropy, generate
+
+
+class ConfigError(ValueError):
+    """Bad input to a training run (corpus, preset, sizes): the CLI prints it as one line."""
+
+
+def _f(help_text: str, default):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. The defaults are the cpu-small preset."""
+
+    data: str | None = _f("corpus text file; default: $QKV_DATA, else ../shared/data/"
+                          "tinyshakespeare.txt beside the repository, else a download into "
+                          "~/.cache/qkv (sha256-checked)", None)
+    out_dir: str | None = _f("folder for ckpt.pt, loss.png and sample.txt "
+                             "(default: out-PRESET)", None)
+    # model
+    n_layer: int = _f("decoder blocks", 4)
+    n_head: int = _f("attention heads per block (must divide d_model)", 4)
+    d_model: int = _f("residual stream width", 128)
+    context_length: int = _f("tokens the model sees at once (and the length of each "
+                             "training window)", 64)
+    dropout: float = _f("dropout on the input embeddings while training", 0.0)
+    bias: bool = _f("biases in linear layers and layer norms", True)
+    # optimisation
+    batch_size: int = _f("windows per step", 12)
+    max_steps: int = _f("optimizer steps; the cosine schedule ends here", 2000)
+    lr: float = _f("peak learning rate, reached at the end of warm-up", 2e-3)
+    min_lr: float = _f("learning rate at the end of the cosine decay", 1e-4)
+    warmup_steps: int = _f("steps of linear warm-up from lr/warmup_steps to lr", 100)
+    weight_decay: float = _f("AdamW weight decay, on matrices (ndim >= 2) only", 0.1)
+    beta1: float = _f("AdamW beta1 (momentum of the gradient mean)", 0.9)
+    beta2: float = _f("AdamW beta2 (momentum of the squared gradient)", 0.99)
+    grad_clip: float = _f("clip the global gradient norm to this (0: no clipping)", 1.0)
+    # evaluation and the rest
+    eval_interval: int = _f("evaluate and save a checkpoint every this many steps", 250)
+    eval_iters: int = _f("batches per split for each evaluation (fixed batches, so evaluations "
+                         "compare)", 20)
+    sample_tokens: int = _f("characters to generate at the end (0: none)", 300)
+    seed: int = _f("seeds weights, batches and dropout: same seed, same losses (on CPU)", 1337)
+    device: str = _f("cpu, cuda, cuda:N or auto (cuda if available)", "auto")
+
+
+PRESETS = {
+    # ~0.8M parameters; 2000 steps of 12 x 64 tokens on two CPU cores.
+    "cpu-small": {},
+    # ~10.7M parameters (nanoGPT's shakespeare-char model) for one GPU.
+    "gpu-baby": dict(n_layer=6, n_head=6, d_model=384, context_length=256, batch_size=64,
+                     dropout=0.2, max_steps=2500, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+                     eval_interval=500, eval_iters=40, sample_tokens=500),
+}
+
+
+def make_config(preset: str = "cpu-small", **overrides) -> TrainConfig:
+    """A preset's TrainConfig with some fields replaced (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = TrainConfig(**values)
+    if cfg.out_dir is None:
+        cfg.out_dir = f"out-{preset}"
+    return cfg
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate for optimizer step ``step`` (0-based).
+
+    Warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps (reaches lr at the last
+    warm-up step). Then cosine: min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2 with
+    r = (step - warmup_steps) / (max_steps - warmup_steps), clamped to [0, 1].
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    r = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * r))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW with two parameter groups: matrices (decayed) and vectors (not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte counts once
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def train_step(model, optimizer, x, y, lr: float, grad_clip: float, autocast=nullcontext):
+    """One optimizer step on the batch (x, y), both (batch, seq) ids.
+
+    returns: (loss, grad_norm) as tensors; grad_norm is the global norm BEFORE clipping
+    (nan if grad_clip is 0, since it is then not computed). The gradients stay in the
+    parameters' .grad until the next step (tests inspect them).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast():
+        logits = model(x)  # (batch, seq, vocab); bf16 under CUDA autocast
+    loss = cross_entropy(logits.float(), y)  # the loss itself in float32
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.tensor(float("nan"))
+    if grad_clip > 0:
+        # Rescale all gradients together so their global norm is at most grad_clip: one bad
+        # batch cannot throw the weights far.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), norm
+
+
+@torch.no_grad()
+def estimate_loss(model, splits: dict, cfg: TrainConfig, device, autocast=nullcontext) -> dict:
+    """Mean loss over cfg.eval_iters batches of each split, in eval mode.
+
+    The batches come from a generator seeded afresh each call, so every evaluation of a run
+    sees the same windows: the curve shows the model changing, not the sample.
+    """
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, ids in splits.items():
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(ids, cfg.batch_size, cfg.context_length, gen, device=device)
+            with autocast():
+                logits = model(x)
+            losses.append(cross_entropy(logits.float(), y))
+        out[name] = torch.stack(losses).mean().item()
+    model.train(was_training)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def load_corpus(cfg: TrainConfig):
+    """(tokenizer, train_ids, val_ids, path) for cfg.data, with the one-line errors of the CLI."""
+    try:
+        path = corpus_path(cfg.data)
+        text = load_text(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    tok = CharTokenizer.from_text(text)
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    train_ids, val_ids = split(ids)
+    need = cfg.context_length + 1
+    shortest = min(len(train_ids), len(val_ids))
+    if shortest < need:
+        raise ConfigError(f"context_length {cfg.context_length} is too long for the corpus "
+                          f"{path} ({len(ids)} characters): its train/val splits have "
+                          f"{len(train_ids)}/{len(val_ids)} tokens and a window needs "
+                          f"context_length + 1 = {need}; use a longer text or a smaller "
+                          f"--context-length")
+    return tok, train_ids, val_ids, path
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, context_length=cfg.context_length,
+                     n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
+                     dropout=cfg.dropout, bias=cfg.bias, fused=True)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never a half-written ckpt.pt, even if interrupted while saving
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, tokenizer, checkpoint dict) from a ckpt.pt written by ``train``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]), generator=torch.Generator()).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, CharTokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+
+
+# Fields a resumed run may change; anything else would make it a different run.
+RESUMABLE = {"data", "out_dir", "max_steps", "eval_interval", "eval_iters", "sample_tokens",
+             "device"}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
+          progress: bool = True, plot: bool = True, log=print) -> dict:
+    """Run (or continue) training; returns the history.
+
+    resume: continue from cfg.out_dir/ckpt.pt; cfg must equal the checkpoint's config except
+        in the RESUMABLE fields (``resume_config`` builds such a cfg).
+    stop_at: stop after this many steps (checkpoint saved; the schedule still runs to
+        max_steps), e.g. to continue later with resume=True.
+    progress: show a tqdm bar.  plot: write loss.png.  log: where messages go (print).
+    returns: dict with train_loss (one float per step), lr (per step), evals (list of
+        (step, train_loss, val_loss)), step, train_s (seconds in training steps, evaluations
+        excluded) and tokens_per_s, both for this call's steps,
+        sample (text, or None), and out_dir.
+    """
+    out_dir = Path(cfg.out_dir or "out")
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+        changed = [f"{k} ({getattr(cfg, k)!r}, checkpoint {v!r})" for k, v in saved.items()
+                   if k not in RESUMABLE and getattr(cfg, k) != v]
+        if changed:
+            raise ConfigError("--resume: the run's settings differ from the checkpoint's: "
+                              + ", ".join(changed))
+    device = resolve_device(cfg.device)
+    tok, train_ids, val_ids, path = load_corpus(cfg)
+    digest = sha256_of(path)
+    if ckpt is not None and ckpt["corpus_sha256"] != digest:
+        raise ConfigError(f"--resume: {path} is not the corpus the checkpoint was trained on "
+                          f"(sha256 {digest[:12]}..., expected {ckpt['corpus_sha256'][:12]}...)")
+    if device.type == "cuda":
+        train_ids, val_ids = train_ids.to(device), val_ids.to(device)  # batches cut on the GPU
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else nullcontext)
+
+    mcfg = model_config(cfg, tok.vocab_size)
+    model = GPT(mcfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # batch offsets, on the CPU
+    torch.manual_seed(cfg.seed)  # dropout draws from torch's global generator
+    history = {"train_loss": [], "lr": [], "evals": []}
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        batch_gen.set_state(ckpt["rng"]["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        log(f"resumed from {ckpt_path} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+        f"{len(train_ids):,}/{len(val_ids):,} train/val tokens, device {device}")
+
+    def checkpoint():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        save_checkpoint(ckpt_path, config=dict(asdict(cfg), data=str(path)),
+                        model_config=asdict(mcfg), model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), step=step, history=history,
+                        tokenizer=tok.state_dict(), corpus_sha256=digest,
+                        rng={"torch": torch.get_rng_state(), "cuda": cuda_rng,
+                             "batches": batch_gen.get_state()})
+
+    def evaluate():
+        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg, device,
+                               autocast)
+        history["evals"].append((step, losses["train"], losses["val"]))
+        return f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+
+    last = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+    tokens_per_step = cfg.batch_size * cfg.context_length
+    bar = _progress_bar(progress, step, last)
+    say = bar.write if progress else log  # messages above the bar, not through it
+    train_time, start_step = 0.0, step
+    if step == 0 and last > 0:
+        say(evaluate())  # the starting point: about ln(vocab) for a fresh model
+    model.train()
+    with _StopOnCtrlC() as ctrl_c:
+        while step < last and not ctrl_c.requested:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            x, y = get_batch(train_ids, cfg.batch_size, cfg.context_length, batch_gen,
+                             device=device)
+            loss, _ = train_step(model, optimizer, x, y, lr, cfg.grad_clip, autocast)
+            loss = loss.item()  # waits for the GPU: the timing below is honest
+            train_time += time.perf_counter() - t0
+            step += 1
+            history["train_loss"].append(loss)
+            history["lr"].append(lr)
+            bar.update(1)
+            if step % 10 == 0 or step == last:
+                rate = (step - start_step) * tokens_per_step / max(train_time, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                say(evaluate())
+                checkpoint()
+        bar.close()
+        if step > start_step and step % cfg.eval_interval != 0 and step != cfg.max_steps:
+            checkpoint()  # stopped between evaluations (stop_at or Ctrl-C)
+
+    steps_run = step - start_step
+    tokens_per_s = steps_run * tokens_per_step / train_time if train_time else 0.0
+    result = dict(history, step=step, train_s=train_time, tokens_per_s=tokens_per_s,
+                  sample=None, out_dir=str(out_dir))
+    if steps_run:
+        log(f"{steps_run} steps in {train_time:.1f} s of training ({tokens_per_s:,.0f} tokens/s)")
+    if plot and history["train_loss"]:
+        plot_losses(history, out_dir / "loss.png")
+    if step < cfg.max_steps:
+        log(f"stopped at step {step} of {cfg.max_steps}; checkpoint in {ckpt_path}, "
+            f"continue with --resume")
+        return result
+    if cfg.sample_tokens > 0:
+        start = tok.encode("\n") if "\n" in tok.stoi else train_ids[:1].tolist()
+        ids = generate(model, start, cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
+        result["sample"] = tok.decode(ids.tolist())
+        (out_dir / "sample.txt").write_text(result["sample"], encoding="utf-8")
+        log("sample (temperature 0.8):\n" + result["sample"])
+    return result
+
+
+class _StopOnCtrlC:
+    """First Ctrl-C: finish the step in flight, then stop (the loop saves a checkpoint, so
+    --resume continues exactly). A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signals live there only
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _progress_bar(enabled: bool, initial: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    """Per-step training loss (thin), its running mean, and the evaluations (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    losses = torch.tensor(history["train_loss"])
+    steps = torch.arange(1, len(losses) + 1)
+    w = min(50, len(losses))
+    smooth = losses.unfold(0, w, 1).mean(-1)  # running mean over w steps
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.5, alpha=0.35, color="C0", label="train (per step)")
+    ax.plot(steps[w - 1:], smooth, color="C0", label=f"train (mean of {w})")
+    if history["evals"]:
+        s, tr, va = zip(*history["evals"], strict=True)
+        ax.plot(s, tr, "o-", color="C1", label="train (eval)")
+        ax.plot(s, va, "o-", color="C2", label="val (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qkv.train",
+        description="Train a character-level GPT on a text file. A preset sets every "
+                    "hyperparameter; any flag below overrides the preset's value.",
+        epilog="presets: " + "; ".join(
+            f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+            for name, values in PRESETS.items()))
+    parser.add_argument("--preset", default="cpu-small", metavar="NAME",
+                        help=f"named set of hyperparameters: {', '.join(PRESETS)} "
+                             f"(default: cpu-small)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/ckpt.pt with the same losses as an "
+                             "uninterrupted run (the checkpoint's hyperparameters are kept)")
+    parser.add_argument("--stop-at", type=int, metavar="STEP",
+                        help="stop after this step and save a checkpoint (the learning-rate "
+                             "schedule still runs to --max-steps)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice, one per core); "
+                             "on a busy machine 1 can be much faster than 2")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(TrainConfig, f.name)
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['help']} (cpu-small: {default})")
+            continue
+        kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", str(f.type)), str)
+        suffix = "" if default is None else f" (cpu-small: {default})"
+        parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                            help=f.metadata["help"] + suffix)
+    return parser
+
+
+def resume_config(out_dir, overrides: dict) -> TrainConfig:
+    """The config saved in out_dir/ckpt.pt, with RESUMABLE fields replaced from ``overrides``
+    (field name -> value; None keeps the saved value)."""
+    path = Path(out_dir) / "ckpt.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    fixed = [k for k, v in overrides.items() if v is not None and k not in RESUMABLE]
+    if fixed:
+        raise ConfigError("--resume keeps the checkpoint's hyperparameters; drop "
+                          + ", ".join("--" + k.replace("_", "-") for k in fixed))
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig(**{**saved, **changes, "out_dir": str(out_dir)})
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = make_config(args.preset, **overrides)  # also checks the preset's name
+        if args.resume:
+            cfg = resume_config(cfg.out_dir, overrides)
+        train(cfg, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+    except ConfigError as e:
+        print(f"python -m qkv.train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
