@@ -129,12 +129,13 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
     put("exit", nb_with(right, prefix="import os\nos._exit(0)\n"),
         Expect("ungradable: kernel died*", None, {"process-control"}))
     # Allocates until RLIMIT_AS (set low by the test) stops it with a MemoryError; the memory is
-    # freed with the frame and the rest of the notebook runs.
+    # freed with the frame and the rest of the notebook runs. np.empty reserves address space
+    # without touching the pages, so the limit is reached at once even on a busy machine.
     put("memory", nb_with(right, suffix=textwrap.dedent("""\
         def _hog():
             chunks = []
             while True:
-                chunks.append(np.ones(10**7))
+                chunks.append(np.empty(10**8))
         _hog()
         """)), Expect("graded", FULL))
     # 10**6 lines in 1000 writes (a print per line takes longer than a cell may, on a slow machine).
