@@ -720,4 +720,12 @@ def test_notebook_points():
         ("multi_head_attention", "split-tests"): 2, ("multi_head_attention", "merge-tests"): 1,
         ("multi_head_attention", "mha-tests"): 3, ("multi_head_attention", "count-tests"): 2,
         ("multi_head_attention", "torch-tests"): 3,
+        ("decoder_block", "ln-tests"): 2, ("decoder_block", "gelu-tests"): 1,
+        ("decoder_block", "mlp-tests"): 2, ("decoder_block", "block-tests"): 3,
+        ("decoder_block", "residual-tests"): 2,
+        ("gpt_forward", "forward-tests"): 4, ("gpt_forward", "count-tests"): 2,
+        ("gpt_forward", "next-tests"): 1, ("gpt_forward", "init-tests"): 3,
+        ("backward", "linear-tests"): 2, ("backward", "softmax-tests"): 2,
+        ("backward", "ce-tests"): 2, ("backward", "ln-tests"): 3,
+        ("backward", "attention-tests"): 3,
     }

@@ -174,8 +174,10 @@ CHECKERS = [check for check, _ in CORRECT]
 
 
 def test_registry_is_complete():
+    # the checkers of qkv.grading.checks; later chapters' modules test their own registries
     names = {check.__name__ for check in FIRST_CHECKERS + CHECKERS}
-    assert set(grading.__all__) == names
+    assert {n for n in grading.__all__
+            if getattr(grading, n).__module__ == "qkv.grading.checks"} == names
 
 
 @pytest.mark.parametrize("check, fn", CORRECT, ids=[c.__name__ for c in CHECKERS])

@@ -39,6 +39,19 @@ from .checks import (
     check_softmax_temperature,
     check_split_heads,
 )
+from .checks_model import (  # chapters 7-9
+    check_attention_backward,
+    check_count_parameters,
+    check_cross_entropy_backward,
+    check_gpt_forward,
+    check_has_residuals,
+    check_init_params,
+    check_layer_norm_backward,
+    check_linear_backward,
+    check_mlp,
+    check_next_token_probs,
+    check_softmax_backward,
+)
 
 __all__ = [
     "check_add_positions",
@@ -68,6 +81,18 @@ __all__ = [
     "check_softmax",
     "check_softmax_temperature",
     "check_split_heads",
+    # chapters 7-9
+    "check_attention_backward",
+    "check_count_parameters",
+    "check_cross_entropy_backward",
+    "check_gpt_forward",
+    "check_has_residuals",
+    "check_init_params",
+    "check_layer_norm_backward",
+    "check_linear_backward",
+    "check_mlp",
+    "check_next_token_probs",
+    "check_softmax_backward",
 ]
 
 _trusted.seal()  # last: snapshot numpy, qkv (this package included) and builtins as they are now

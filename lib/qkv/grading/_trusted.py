@@ -95,6 +95,15 @@ ref_merge_heads = _qnp.merge_heads
 ref_embed = _qnp.embed
 ref_positional_encoding = _qnp.sinusoidal_positional_encoding
 ref_linear = _qnp.linear
+# chapters 7-9 (checks_model): the whole model and the forward/backward pairs
+ref_gpt_forward = _qnp.gpt_forward
+ref_linear_forward, ref_linear_backward = _qnp.linear_forward, _qnp.linear_backward
+ref_softmax_forward, ref_softmax_backward = _qnp.softmax_forward, _qnp.softmax_backward
+ref_cross_entropy_forward = _qnp.cross_entropy_forward
+ref_cross_entropy_backward = _qnp.cross_entropy_backward
+ref_layer_norm_forward = _qnp.layer_norm_forward
+ref_layer_norm_backward = _qnp.layer_norm_backward
+ref_attention_forward, ref_attention_backward = _qnp.attention_forward, _qnp.attention_backward
 kind_of = dtype_kind
 tolerances = {key: dict(value) for key, value in TOL.items()}
 
