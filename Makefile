@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # nbgrader shells out to tools in the venv (alembic), so the venv's bin leads PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help setup book test lab release grade lint clean
+.PHONY: help setup book test lab release grade bench lint clean
 
 help:
 	@echo "make book                    build the book to _build/html (offline, strict)"
@@ -14,6 +14,7 @@ help:
 	@echo "make lab                     open the exercises in JupyterLab"
 	@echo "make release                 regenerate exercises/ from solutions/"
 	@echo "make grade SUBMISSIONS=dir   autograde dir/<student>/<chapter>/<notebook>.ipynb"
+	@echo "make bench [BENCH_ARGS=--quick]  benchmarks: print ratios, write benchmarks/results/*.json"
 
 setup: $(STAMP)
 
@@ -39,6 +40,9 @@ release: $(STAMP)
 grade: $(STAMP)
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=dir  (dir/<student>/<chapter>/<notebook>.ipynb)"; exit 2; }
 	$(BIN)/python -m qkv.grading grade "$(SUBMISSIONS)"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lib tests benchmarks
