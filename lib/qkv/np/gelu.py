@@ -25,7 +25,8 @@ def gelu_forward(x: np.ndarray):
     x: (...) -> out (...), cache
     """
     check_float("gelu", "x", x)
-    t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+    # x * x * x, not x**3: NumPy's float32 power is a slow general pow (about 30x slower).
+    t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x)))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
