@@ -20,7 +20,7 @@ from qkv._checks import (
 
 from .linear import linear_backward, linear_forward
 from .masking import causal_mask
-from .softmax import softmax, softmax_backward
+from .softmax import softmax_backward, softmax_in_place
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weights=False):
@@ -41,14 +41,20 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weight
     seq_k = k.shape[-2]
     # Divide by sqrt(d_head): with unit-variance q and k, q·k has variance d_head, and large
     # scores would saturate the softmax into a one-hot with vanishing gradients.
-    scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(d_head)  # (..., seq_q, seq_k)
+    # Scaling q before the product gives the same scores and multiplies seq_q * d_head numbers
+    # instead of seq_q * seq_k.
+    scores = (q * (1.0 / math.sqrt(d_head))) @ np.swapaxes(k, -1, -2)  # (..., seq_q, seq_k)
     if causal:
         c = causal_mask(seq_q, seq_k)  # (seq_q, seq_k)
         mask = c if mask is None else mask & c
     if mask is not None:
         # -inf before the softmax: exp(-inf) = 0, so blocked keys get exactly zero weight.
-        scores = np.where(mask, scores, -np.inf)
-    weights = softmax(scores, axis=-1)  # (..., seq_q, seq_k); fully blocked rows are 0
+        full = np.broadcast_shapes(scores.shape, mask.shape)
+        if full != scores.shape:  # a mask with more batch dims than q and k
+            scores = np.broadcast_to(scores, full).copy()
+        np.copyto(scores, -np.inf, where=~mask)
+    # scores is our own temporary, so the softmax may overwrite it (no extra (seq_q, seq_k) arrays).
+    weights = softmax_in_place(scores, axis=-1)  # (..., seq_q, seq_k); fully blocked rows are 0
     out = weights @ v  # (..., seq_q, d_v)
     return (out, weights) if return_weights else out
 

@@ -14,13 +14,25 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     A row that is all -inf (a query allowed to attend to nothing) gives all zeros, not NaN.
     """
     check_float("softmax", "x", x)
+    return softmax_in_place(np.array(x, copy=True), axis)  # the caller's x stays untouched
+
+
+def softmax_in_place(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """softmax(x) written into x's own memory, and returned.
+
+    For callers that own a large temporary, like the (..., seq_q, seq_k) scores of attention:
+    every step below reuses x instead of allocating another array of the same size.
+    """
     m = np.max(x, axis=axis, keepdims=True)
     # An all -inf row has max -inf and (-inf) - (-inf) = NaN; shift such rows by 0 instead,
     # so exp gives zeros there.
-    m = np.where(m == -np.inf, 0.0, m)
-    e = np.exp(x - m)
-    total = np.sum(e, axis=axis, keepdims=True)  # >= 1 on any row with a finite entry
-    return e / np.where(total == 0, 1.0, total)  # all -inf rows: 0 / 1 = 0
+    m[m == -np.inf] = 0.0
+    x -= m
+    np.exp(x, out=x)
+    total = np.sum(x, axis=axis, keepdims=True)  # >= 1 on any row with a finite entry
+    total[total == 0] = 1.0  # all -inf rows: 0 / 1 = 0
+    x /= total
+    return x
 
 
 def softmax_forward(x: np.ndarray):
