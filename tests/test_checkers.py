@@ -728,4 +728,9 @@ def test_notebook_points():
         ("backward", "linear-tests"): 2, ("backward", "softmax-tests"): 2,
         ("backward", "ce-tests"): 2, ("backward", "ln-tests"): 3,
         ("backward", "attention-tests"): 3,
+        ("training", "batch-tests"): 2, ("training", "adamw-tests"): 3,
+        ("training", "loop-tests"): 3,
+        ("generation", "temperature-tests"): 1, ("generation", "top-k-tests"): 2,
+        ("generation", "top-p-tests"): 2, ("generation", "greedy-tests"): 2,
+        ("generation", "kv-tests"): 3,
     }

@@ -52,6 +52,16 @@ from .checks_model import (  # chapters 7-9
     check_next_token_probs,
     check_softmax_backward,
 )
+from .checks_training import (  # chapters 10-11
+    check_adamw_step,
+    check_greedy_decode,
+    check_kv_attention_step,
+    check_make_batch,
+    check_temperature_probs,
+    check_top_k,
+    check_top_p,
+    check_training_loop,
+)
 
 __all__ = [
     "check_add_positions",
@@ -93,6 +103,15 @@ __all__ = [
     "check_mlp",
     "check_next_token_probs",
     "check_softmax_backward",
+    # chapters 10-11
+    "check_adamw_step",
+    "check_greedy_decode",
+    "check_kv_attention_step",
+    "check_make_batch",
+    "check_temperature_probs",
+    "check_top_k",
+    "check_top_p",
+    "check_training_loop",
 ]
 
 _trusted.seal()  # last: snapshot numpy, qkv (this package included) and builtins as they are now

@@ -35,11 +35,15 @@ from .mlp import mlp, mlp_backward, mlp_forward
 from .model import gpt_forward, gpt_loss_backward, gpt_loss_forward, params_from_gpt2_state_dict
 from .positional import sinusoidal_positional_encoding
 from .softmax import softmax, softmax_backward, softmax_forward
+from .train import adamw_init, adamw_step, clip_grad_norm, train_numpy
 
 __all__ = [
+    "adamw_init",
+    "adamw_step",
     "attention_backward",
     "attention_forward",
     "causal_mask",
+    "clip_grad_norm",
     "cross_entropy",
     "cross_entropy_backward",
     "cross_entropy_forward",
@@ -80,4 +84,5 @@ __all__ = [
     "softmax_backward",
     "softmax_forward",
     "split_heads",
+    "train_numpy",
 ]
