@@ -133,19 +133,21 @@ def test_multi_head_attention_vs_nn(device, dtype, fused):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_norm_vs_nn(device, dtype):
+@pytest.mark.parametrize("fused", PATHS)
+def test_layer_norm_vs_nn(device, dtype, fused):
     x = randn(3, 5, 16, device=device, dtype=dtype) * 4 + 2
     ln = nn.LayerNorm(16, eps=1e-5, device=device, dtype=dtype)
     with torch.no_grad():
         ln.weight.copy_(randn(16, device=device, dtype=dtype, seed=1))
         ln.bias.copy_(randn(16, device=device, dtype=dtype, seed=2))
-    close(qpt.layer_norm(x, ln.weight, ln.bias), ln(x), dtype)
+    close(qpt.layer_norm(x, ln.weight, ln.bias, fused=fused), ln(x), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu_vs_torch(device, dtype):
+@pytest.mark.parametrize("fused", PATHS)
+def test_gelu_vs_torch(device, dtype, fused):
     x = torch.linspace(-8, 8, 401, device=device, dtype=dtype)
-    close(qpt.gelu(x), F.gelu(x, approximate="tanh"), dtype)
+    close(qpt.gelu(x, fused=fused), F.gelu(x, approximate="tanh"), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -174,20 +176,24 @@ def test_embed_vs_torch(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_vs_torch(device, dtype):
+@pytest.mark.parametrize("fused", PATHS)
+def test_linear_vs_torch(device, dtype, fused):
     x = randn(2, 5, 6, device=device, dtype=dtype)
     w = randn(6, 3, device=device, dtype=dtype, seed=1)  # (d_in, d_out)
     b = randn(3, device=device, dtype=dtype, seed=2)
-    close(qpt.linear(x, w, b), F.linear(x, w.T, b), dtype)  # F.linear wants (d_out, d_in)
-    close(qpt.linear(x, w), F.linear(x, w.T), dtype)
+    # einsum, not F.linear: the fused path IS F.linear
+    expected = torch.einsum("bsi,io->bso", x, w)
+    close(qpt.linear(x, w, b, fused=fused), expected + b, dtype)
+    close(qpt.linear(x, w, fused=fused), expected, dtype)
 
 
-def test_mlp_vs_torch(device):
+@pytest.mark.parametrize("fused", PATHS)
+def test_mlp_vs_torch(device, fused):
     x = randn(2, 5, 8, device=device)
     w_fc, b_fc = randn(8, 32, device=device, seed=1) / 3, randn(32, device=device, seed=2)
     w_proj, b_proj = randn(32, 8, device=device, seed=3) / 6, randn(8, device=device, seed=4)
     expected = F.linear(F.gelu(F.linear(x, w_fc.T, b_fc), approximate="tanh"), w_proj.T, b_proj)
-    close(qpt.mlp(x, w_fc, b_fc, w_proj, b_proj), expected)
+    close(qpt.mlp(x, w_fc, b_fc, w_proj, b_proj, fused=fused), expected)
 
 
 def test_causal_mask_vs_tril(device):

@@ -105,7 +105,8 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
     w_out: (d_model, d_model);                         b_out: (d_model,) or None
     mask:  bool, broadcastable to (..., seq, seq), the same for every head; True = may attend.
     causal: AND in the causal mask (default True: a decoder never looks ahead).
-    fused: run the heads through torch's fused kernel (no weights then).
+    fused: run the heads through torch's fused kernel (no weights then), and the projections
+        through F.linear.
     returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq)) if return_weights.
 
     torch.nn.MultiheadAttention computes the same thing with in_proj_weight = w_qkv.T and
@@ -122,12 +123,12 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
         check_mask(fn, mask, shape_of(x)[:-1] + (seq,), "(..., seq, seq)")
         mask = mask[..., None, :, :]  # (..., 1, seq, seq): one mask for all heads
 
-    qkv = linear(x, w_qkv, b_qkv)  # (..., seq, 3*d_model)
+    qkv = linear(x, w_qkv, b_qkv, fused=fused)  # (..., seq, 3*d_model)
     q, k, v = qkv.split(d_model, dim=-1)  # each (..., seq, d_model)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
     result = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal,
                                           return_weights=return_weights, fused=fused)
     out, weights = result if return_weights else (result, None)  # out (..., n_head, seq, d_head)
     out = merge_heads(out)  # (..., seq, d_model): heads side by side again
-    out = linear(out, w_out, b_out)  # (..., seq, d_model): mixes what the heads found
+    out = linear(out, w_out, b_out, fused=fused)  # (..., seq, d_model): mixes the heads' finds
     return (out, weights) if return_weights else out

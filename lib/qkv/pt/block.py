@@ -17,7 +17,7 @@ def decoder_block(x: torch.Tensor, params: dict, n_head: int, mask=None,
     params: dict with ln1_gamma ln1_beta w_qkv b_qkv w_out b_out ln2_gamma ln2_beta
             w_fc b_fc w_proj b_proj (shapes as in multi_head_attention, layer_norm and mlp)
     mask: optional bool, broadcastable to (..., seq, seq), ANDed with the causal mask.
-    fused: attention through torch's fused kernel.
+    fused: torch's fused kernels for attention, layer norm, GELU and the linear layers.
     returns: (..., seq, d_model)
 
     Pre-LN: each sublayer reads a normalized copy of the residual stream and adds its result
@@ -25,9 +25,9 @@ def decoder_block(x: torch.Tensor, params: dict, n_head: int, mask=None,
     """
     p = params
     check_keys("decoder_block", p, BLOCK_PARAM_KEYS)
-    h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"])
+    h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"], fused=fused)
     x = x + multi_head_attention(h, p["w_qkv"], p["b_qkv"], p["w_out"], p["b_out"], n_head,
                                  mask=mask, causal=True, fused=fused)
-    h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"])
-    x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
+    h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"], fused=fused)
+    x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"], fused=fused)
     return x  # (..., seq, d_model)

@@ -97,22 +97,25 @@ def _forward_with_cache(model, token_ids: torch.Tensor, cache: list, start: int)
     seq_new = token_ids.shape[-1]
     wte, wpe = T.wte.weight, T.wpe.weight
     x = embed(token_ids, wte) + wpe[start:start + seq_new]  # (seq_new, d_model)
+    fused = cfg.fused  # the same kernels as the model's forward, so the tokens match exactly
     for i, block in enumerate(T.h):
         p = block.params()
-        h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"])
-        q, k, v = linear(h, p["w_qkv"], p["b_qkv"]).split(cfg.d_model, dim=-1)  # (seq_new, d_model)
-        q, k, v = (split_heads(t, cfg.n_head) for t in (q, k, v))  # (n_head, seq_new, d_head)
+        h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"], fused=fused)
+        q, k, v = linear(h, p["w_qkv"], p["b_qkv"], fused=fused).split(cfg.d_model, dim=-1)
+        # q, k, v (seq_new, d_model) -> (n_head, seq_new, d_head)
+        q, k, v = (split_heads(t, cfg.n_head) for t in (q, k, v))
         if cache[i] is not None:
             k = torch.cat([cache[i][0], k], dim=-2)  # (n_head, start + seq_new, d_head)
             v = torch.cat([cache[i][1], v], dim=-2)
         cache[i] = (k, v)
         # seq_q = seq_new <= seq_k = start + seq_new: the bottom-right causal mask lets query
         # j see keys 0 .. start + j, exactly its own past.
-        a = scaled_dot_product_attention(q, k, v, causal=True, fused=cfg.fused)
-        x = x + linear(merge_heads(a), p["w_out"], p["b_out"])  # (seq_new, d_model)
-        h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"])
-        x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
-    x = layer_norm(x[-1], T.ln_f.weight, T.ln_f.bias)  # (d_model,): only the last position
+        a = scaled_dot_product_attention(q, k, v, causal=True, fused=fused)
+        x = x + linear(merge_heads(a), p["w_out"], p["b_out"], fused=fused)  # (seq_new, d_model)
+        h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"], fused=fused)
+        x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"], fused=fused)
+    # (d_model,): only the last position
+    x = layer_norm(x[-1], T.ln_f.weight, T.ln_f.bias, fused=fused)
     return linear(x, wte.T)  # (vocab,): tied unembedding
 
 

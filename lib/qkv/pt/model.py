@@ -38,8 +38,8 @@ class GPTConfig:
     dropout: probability of zeroing entries of the input embeddings (token + position) while
         training; the blocks are pure functions without dropout.
     bias: whether linear layers and layer norms have biases.
-    fused: attention through torch.nn.functional.scaled_dot_product_attention (fast);
-        False runs the naive path the book teaches.
+    fused: torch's fused kernels (scaled_dot_product_attention, layer_norm, gelu, linear):
+        the same math in fewer, faster kernels; False runs the naive path the book teaches.
     """
 
     vocab_size: int
@@ -189,7 +189,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)  # (..., seq, d_model)
-        x = self.transformer.ln_f(x)
+        ln_f = self.transformer.ln_f
+        x = layer_norm(x, ln_f.weight, ln_f.bias, fused=cfg.fused)
         logits = self.lm_head(x)  # (..., seq, vocab) = x @ wte.T
         if targets is None:
             return logits
