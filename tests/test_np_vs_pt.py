@@ -33,6 +33,9 @@ def cases():
                  ln2_gamma=1 + rng.normal(size=d) / 10, ln2_beta=rng.normal(size=d) / 10,
                  w_fc=rng.normal(size=(d, 32)) / 3, b_fc=rng.normal(size=32) / 10,
                  w_proj=rng.normal(size=(32, d)) / 6, b_proj=rng.normal(size=d) / 10)
+    # Longer than qkv.np's QUERY_BLOCK (128): causal attention then runs block by block.
+    long_q = rng.normal(size=(2, 300, 8))
+    long_kv = {n: (rng.normal(size=(2, n, 8)), rng.normal(size=(n, 5))) for n in (300, 340, 150)}
     ids = rng.integers(0, 11, size=(2, 5))
     logits = rng.normal(size=(2, 5, 11)) * 3
     return [
@@ -47,6 +50,12 @@ def cases():
         ("scaled_dot_product_attention", (q, k, v), {"mask": mask, "causal": True}, True),
         ("scaled_dot_product_attention", (q, k, v), {"causal": True, "return_weights": True},
          False),
+        ("scaled_dot_product_attention", (long_q, *long_kv[300]), {"causal": True}, True),
+        ("scaled_dot_product_attention", (long_q, *long_kv[340]), {"causal": True}, True),
+        # seq_q > seq_k: the first 150 queries see no key at all (zeros)
+        ("scaled_dot_product_attention", (long_q, *long_kv[150]), {"causal": True}, True),
+        ("scaled_dot_product_attention", (long_q, *long_kv[340]),
+         {"causal": True, "return_weights": True}, False),
         ("split_heads", (x, 2), {}, False),
         ("merge_heads", (q,), {}, False),
         ("multi_head_attention", (x, *mha_w, 2), {}, True),

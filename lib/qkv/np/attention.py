@@ -43,10 +43,24 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weight
     # scores would saturate the softmax into a one-hot with vanishing gradients.
     # Scaling q before the product gives the same scores and multiplies seq_q * d_head numbers
     # instead of seq_q * seq_k.
-    scores = (q * (1.0 / math.sqrt(d_head))) @ np.swapaxes(k, -1, -2)  # (..., seq_q, seq_k)
-    if causal:
-        c = causal_mask(seq_q, seq_k)  # (seq_q, seq_k)
-        mask = c if mask is None else mask & c
+    q = q * (1.0 / math.sqrt(d_head))
+    if causal and mask is None and seq_q > QUERY_BLOCK:
+        out, weights = _causal_by_query_blocks(q, k, v, return_weights)
+    else:
+        if causal:
+            c = causal_mask(seq_q, seq_k)  # (seq_q, seq_k)
+            mask = c if mask is None else mask & c
+        out, weights = _attend(q, k, v, mask)
+    return (out, weights) if return_weights else out
+
+
+QUERY_BLOCK = 128  # queries per step when causal attention skips the blocked keys
+
+
+def _attend(q, k, v, mask):
+    """The attention formula on an already scaled q: returns out (..., seq_q, d_v) and
+    weights (..., seq_q, seq_k). Shapes as in scaled_dot_product_attention."""
+    scores = q @ np.swapaxes(k, -1, -2)  # (..., seq_q, seq_k)
     if mask is not None:
         # -inf before the softmax: exp(-inf) = 0, so blocked keys get exactly zero weight.
         full = np.broadcast_shapes(scores.shape, mask.shape)
@@ -55,8 +69,35 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weight
         np.copyto(scores, -np.inf, where=~mask)
     # scores is our own temporary, so the softmax may overwrite it (no extra (seq_q, seq_k) arrays).
     weights = softmax_in_place(scores, axis=-1)  # (..., seq_q, seq_k); fully blocked rows are 0
-    out = weights @ v  # (..., seq_q, d_v)
-    return (out, weights) if return_weights else out
+    return weights @ v, weights  # out (..., seq_q, d_v)
+
+
+def _causal_by_query_blocks(q, k, v, return_weights):
+    """Causal attention, QUERY_BLOCK queries at a time, each block only against the keys its
+    last query may see. The keys after that are blocked for the whole block, so about half of
+    the seq_q x seq_k scores are never computed (torch's fused kernel skips them the same way).
+
+    q (already scaled), k, v and the result as in scaled_dot_product_attention; weights is
+    None unless return_weights.
+    """
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    dtype = np.result_type(q, k, v)
+    out = np.zeros(lead + (seq_q, v.shape[-1]), dtype=dtype)  # rows that see no key stay 0
+    weights = np.zeros(lead + (seq_q, seq_k), dtype=dtype) if return_weights else None
+    for start in range(0, seq_q, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, seq_q)
+        n_keys = stop + seq_k - seq_q  # query i sees keys 0 .. i + seq_k - seq_q
+        if n_keys <= 0:
+            continue  # (seq_q > seq_k) this whole block of queries sees no key
+        # Bottom-right alignment within the block puts each query at its true position.
+        block_mask = causal_mask(stop - start, n_keys)  # (block, n_keys)
+        o, w = _attend(q[..., start:stop, :], k[..., :n_keys, :], v[..., :n_keys, :],
+                       block_mask)
+        out[..., start:stop, :] = o
+        if return_weights:
+            weights[..., start:stop, :n_keys] = w
+    return out, weights
 
 
 def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
