@@ -130,6 +130,11 @@ def pairs():
         Pair("attention", "scaled_dot_product_attention", dict(q=r(2, 2, 4, 3), k=r(1, 4, 3),
                                                               v=r(4, 2)),
              qpt.scaled_dot_product_attention, dict(causal=True)),
+        # Longer than qkv.np's QUERY_BLOCK: the forward runs block by block, 190 queries on
+        # 200 keys (the weights cache must still hold every row).
+        Pair("attention", "scaled_dot_product_attention", dict(q=r(190, 2), k=r(200, 2),
+                                                              v=r(200, 2)),
+             qpt.scaled_dot_product_attention, dict(causal=True)),
         Pair("multi_head_attention", "multi_head_attention", dict(x=x8, **mha, n_head=2),
              qpt.multi_head_attention),
         Pair("multi_head_attention", "multi_head_attention", dict(x=x8, **mha, n_head=4),
