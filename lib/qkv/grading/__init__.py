@@ -10,34 +10,18 @@ the most likely mistake. A correct function passes silently.
 """
 
 from . import _trusted
-from .checks import (
-    check_add_positions,
+from .checks_attention import (  # softmax, attention, masking, norms, heads, blocks, loss
     check_attention,
     check_attention_scores,
     check_causal_mask,
     check_cross_entropy,
-    check_decode,
     check_decoder_block,
-    check_embed,
-    check_encode,
     check_gelu,
     check_layer_norm,
-    check_linear,
-    check_merge_heads,
-    check_mha_param_count,
     check_multi_head_attention,
-    check_multi_head_attention_torch,
-    check_one_hot,
-    check_permutation_equivariance,
-    check_positional_encoding,
-    check_query_design,
-    check_score_table,
     check_shift_targets,
-    check_similarity_matrix,
-    check_soft_lookup,
     check_softmax,
     check_softmax_temperature,
-    check_split_heads,
 )
 from .checks_model import (  # chapters 7-9
     check_attention_backward,
@@ -51,6 +35,24 @@ from .checks_model import (  # chapters 7-9
     check_mlp,
     check_next_token_probs,
     check_softmax_backward,
+)
+from .checks_tokens import (  # chapters 1, 2, 3 and 6
+    check_add_positions,
+    check_decode,
+    check_embed,
+    check_encode,
+    check_linear,
+    check_merge_heads,
+    check_mha_param_count,
+    check_multi_head_attention_torch,
+    check_one_hot,
+    check_permutation_equivariance,
+    check_positional_encoding,
+    check_query_design,
+    check_score_table,
+    check_similarity_matrix,
+    check_soft_lookup,
+    check_split_heads,
 )
 from .checks_training import (  # chapters 10-11
     check_adamw_step,

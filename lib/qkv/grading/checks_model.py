@@ -25,13 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _trusted as _t
-from .checks import (
+from .checks_attention import (
+    _block_args,
+)
+from .engine import (
     Case,
     Mistake,
     Spec,
     _as_array,
     _attempt,
-    _block_args,
     _block_variant,
     _call,
     _describe,

@@ -1,0 +1,719 @@
+"""The engine of the exercise checkers: run a learner's function, compare, name the mistake.
+
+Every checker has the same signature, ``check_xxx(fn, hidden=False, backend="auto")``, and the
+same steps, each written once below:
+
+1. ``_call``      call the learner's function on a copy of one seeded input: an exception becomes
+                  an AssertionError that names it and the input shapes ("softmax is not implemented
+                  yet" for an untouched exercise); warnings and prints are swallowed so a correct
+                  answer stays silent; the inputs must come back unchanged.
+2. ``_validate``  the output must be a plain ``np.ndarray`` or ``torch.Tensor`` (exact type: a
+                  subclass, or an object whose ``__eq__`` always says yes, fails) of the expected
+                  kind of dtype.
+3. ``_mismatch``  shape, finiteness and values against the reference, with the tolerances of
+                  ``qkv.tolerances`` (float64 results: "float64"; float32: the checker's entry).
+4. ``_diagnose``  on a mismatch, compute the known-wrong variants on the same input; when the
+                  learner's output matches one, say that mistake in plain words.
+
+``hidden=True`` runs other seeds, sizes and edge cases (the hidden tests call it).
+``backend``: "auto" calls the function with NumPy arrays and, if that raises while torch is
+imported, with torch tensors; "numpy" or "torch" forces one. Either may return an ndarray or a
+tensor; references and diagnoses always run in NumPy float64.
+
+Everything that decides pass or fail goes through ``_trusted`` (captured at import) and runs
+inside ``_trusted.pristine()``, so a learner who rebinds ``np.allclose`` (or ``np.exp``, or
+``qkv.np.softmax``) after the setup cell cannot turn a wrong answer into a pass.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _trusted as _t
+
+# ==============================================================================================
+# The engine: one helper per step
+# ==============================================================================================
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: the learner's positional arguments (NumPy), their names, and what is special."""
+
+    args: tuple
+    names: tuple
+    note: str = ""  # said after a generic failure message on this input
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A known-wrong computation; ``says`` may use {name} (the function) and {case} (the input)."""
+
+    says: str
+    fn: object  # called with the case's arguments (NumPy float64); returns the wrong output
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one checker checks."""
+
+    name: str  # the exercise's function name, used in every message
+    reference: object  # trusted qkv.np function (or a tiny formula) with the learner's arguments
+    mistakes: object  # callable(*args) -> iterable of Mistake
+    out: str = "float"  # "float" | "bool" | "scalar" | "int_pair"
+    tol32: str = "float32_op"  # TOL entry when the result or an input is float32
+
+
+class _Learner:
+    """The learner's function and the backend chosen for it (decided on the first call)."""
+
+    def __init__(self, fn, backend: str):
+        self.fn = fn
+        self.backend = backend
+
+
+def _run(spec: Spec, fn, cases, backend: str = "auto") -> None:
+    """The body of every checker."""
+    if not _t.callable_(fn):
+        raise AssertionError(f"{spec.name} should be a function, but it is a "
+                             f"{_t.type_(fn).__name__}. Define it with `def {spec.name}(...):`.")
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch'; got {backend!r}")
+    if backend == "torch":
+        _t.load_torch()
+    learner = _Learner(fn, backend)
+    with _t.pristine():
+        for case in cases:
+            args = _float64(case.args)
+            with _t.catch_warnings(), _t.errstate(all="ignore"):
+                _t.simplefilter("ignore")
+                expected = _parts(spec, spec.reference(*args))  # before any learner code runs
+            out = _call(spec, learner, case)
+            got = _validate(spec, out, case, expected)
+            tol = _tolerance(spec, got, case)
+            problem = _mismatch(spec, got, expected, case, tol)
+            if problem is not None:
+                said = _diagnose(spec, got, expected, args, case, tol)
+                raise AssertionError(said if said is not None else _with_note(problem, case))
+
+
+# --- step 1: call the learner safely ------------------------------------------------------------
+
+
+def _call(spec: Spec, learner: _Learner, case: Case):
+    """The learner's output on ``case``; AssertionError if it raised or changed its inputs."""
+    if learner.backend == "auto":
+        out, exc, copies = _attempt(learner.fn, case, "numpy")
+        if exc is None:
+            learner.backend = "numpy"
+        elif _t.torch_refs() is not None and not _t.isinstance_(exc, NotImplementedError):
+            out2, exc2, copies2 = _attempt(learner.fn, case, "torch")
+            if exc2 is None:
+                learner.backend, out, exc, copies = "torch", out2, None, copies2
+            elif _t.isinstance_(exc, (TypeError, AttributeError)):
+                exc = exc2  # NumPy input rejected outright: the torch error says more
+    else:
+        out, exc, copies = _attempt(learner.fn, case, learner.backend)
+    if exc is not None:
+        raise AssertionError(_raised(spec.name, exc, case, learner.fn)) from exc
+    for label, original, passed in copies:
+        if not _t.identical(passed, original):
+            raise AssertionError(
+                f"{spec.name} changed its input {label} in place (for example with "
+                f"`{label} -= ...` or `{label}[...] = ...`) when called with {_describe(case)}. "
+                f"Leave the inputs alone and build new arrays instead: `x = x - ...`.")
+    return out
+
+
+def _attempt(fn, case: Case, backend: str):
+    """(output, exception, copies): ``fn`` called quietly on fresh copies of the inputs."""
+    torch = _t.torch_refs() if backend == "torch" else None
+    copies = []
+    args = tuple(_to_backend(v, n, torch, copies) for v, n in zip(case.args, case.names,
+                                                                   strict=True))
+    sink = _t.StringIO()
+    try:
+        with _t.catch_warnings(), _t.errstate(all="ignore"), _t.redirect_stdout(sink), \
+                _t.redirect_stderr(sink):
+            _t.simplefilter("ignore")
+            return fn(*args), None, copies
+    except (Exception, SystemExit) as exc:  # never KeyboardInterrupt: the grader must stop
+        return None, exc, copies
+    finally:
+        _t.resanitize()  # undo anything the learner rebound while running
+
+
+def _to_backend(value, label: str, torch, copies: list):
+    """A fresh copy of one argument (a tensor for the torch backend); remembers array copies."""
+    if _t.type_(value) is _t.ndarray:
+        copy = value.copy()
+        copies.append((label, value, copy))
+        return copy if torch is None else torch.from_numpy(copy)
+    if _t.type_(value) is dict:
+        return {k: _to_backend(v, f"{label}[{k!r}]", torch, copies) for k, v in value.items()}
+    return value
+
+
+def _raised(name: str, exc: BaseException, case: Case, fn) -> str:
+    kind = _t.type_(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose __str__ itself fails
+        text = ""
+    if _t.isinstance_(exc, NotImplementedError) and not text:  # the release's stub, bare
+        # (one with a message, e.g. from torch for an unsupported dtype, is reported as is)
+        inner = _raising_function(exc)
+        if inner is not None and inner != getattr(getattr(fn, "__code__", None), "co_name", None):
+            return (f"{name} is not implemented yet: it calls {inner}, which raised "
+                    f"NotImplementedError. Write {inner} first.")
+        return (f"{name} is not implemented yet (it raised NotImplementedError): replace "
+                f"`raise NotImplementedError()` with your code.")
+    if _t.isinstance_(exc, SystemExit):
+        return f"{name} tried to exit Python (SystemExit) when called with {_describe(case)}."
+    message = f"{name} raised {kind}" + (f": {text}" if text else "")
+    return _with_note(f"{message} — when called with {_describe(case)}.", case)
+
+
+def _raising_function(exc: BaseException):
+    """The innermost named function in the exception's traceback below ``_attempt``, if any."""
+    tb, name = exc.__traceback__, None
+    tb = tb.tb_next if tb is not None else None  # the first frame is _attempt's own
+    while tb is not None:
+        code_name = tb.tb_frame.f_code.co_name
+        if not code_name.startswith("<"):
+            name = code_name
+        tb = tb.tb_next
+    return name
+
+
+# --- step 2: validate the output ----------------------------------------------------------------
+
+
+def _validate(spec: Spec, out, case: Case, expected: tuple) -> tuple:
+    """The output as a tuple of plain ndarrays, after checking its type and dtype kind."""
+    if spec.out == "int_pair":
+        if not (_t.type_(out) is tuple or _t.type_(out) is list) or _t.len_(out) != 2:
+            raise AssertionError(f"{spec.name} should return two arrays, (inputs, targets); it "
+                                 f"returned {_kind_of_object(out)} for {_describe(case)}.")
+        return (_as_array(spec, out[0], "inputs", "int", case),
+                _as_array(spec, out[1], "targets", "int", case))
+    got = _as_array(spec, out, "", spec.out, case)
+    if spec.out == "bool" and _t.kind_of(got) != "b":
+        same = (_t.kind_of(got) in "iuf" and got.shape == expected[0].shape
+                and _t.identical(got != 0, expected[0]))
+        raise AssertionError(
+            f"{spec.name} returned numbers of dtype {got.dtype} for {_describe(case)}; a mask must "
+            f"be boolean (dtype bool, True = may attend) so it can be used in np.where"
+            + (" — your True/False pattern is right, only the dtype is not: build it with "
+               "dtype=bool (e.g. np.ones((seq, seq), dtype=bool))." if same else "."))
+    return (got,)
+
+
+def _as_array(spec: Spec, out, label: str, kind: str, case: Case):
+    """One returned value as a plain ndarray: exact np.ndarray or torch.Tensor (or a float)."""
+    what = f"{spec.name} returned" + (f" {label} as" if label else "")
+    torch = _t.torch_refs()
+    if _t.type_(out) is _t.ndarray:
+        arr = out
+    elif torch is not None and _t.type_(out) is torch.Tensor:
+        if out.dtype.is_floating_point and out.dtype.itemsize < 4:
+            raise AssertionError(f"{what} a {out.dtype} tensor for {_describe(case)}; keep the "
+                                 f"input's precision (float32 or float64).")
+        arr = torch.numpy(torch.cpu(torch.detach(out)))
+    elif kind == "scalar" and any(_t.type_(out) is s for s in (float, _t.float64, _t.float32)):
+        arr = _t.asarray(out)
+    else:
+        wanted = "a single number" if kind == "scalar" else "a NumPy array (or a torch tensor)"
+        raise AssertionError(f"{what} {_kind_of_object(out)} for {_describe(case)}; it should "
+                             f"return {wanted}.")
+    k = _t.kind_of(arr)
+    if kind in ("float", "scalar") and (k != "f" or arr.dtype.itemsize < 4):
+        raise AssertionError(f"{what} values of dtype {arr.dtype} for {_describe(case)}; expected "
+                             f"floating-point numbers ({_input_dtype(case)}, like the input).")
+    if kind == "int" and k not in "iu":
+        raise AssertionError(f"{what} values of dtype {arr.dtype} for {_describe(case)}; token "
+                             f"ids must stay integers (slice the ids array, do not convert it).")
+    return arr
+
+
+def _kind_of_object(out) -> str:
+    cls = _t.type_(out)
+    torch = _t.torch_refs()
+    if cls is _t.ndarray or (torch is not None and cls is torch.Tensor):
+        return f"one {'array' if cls is _t.ndarray else 'tensor'} of shape {_shape(out)}"
+    if _t.isinstance_(out, _t.ndarray):
+        return (f"a {cls.__name__} (a subclass of np.ndarray); return a plain np.ndarray, "
+                f"e.g. np.asarray(result)")
+    if torch is not None and _t.isinstance_(out, torch.Tensor):
+        return f"a {cls.__name__} (a subclass of torch.Tensor); return a plain tensor"
+    if out is None:
+        return "None (did you forget `return`?)"
+    name = cls.__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+# --- step 3: compare with the reference ---------------------------------------------------------
+
+
+def _tolerance(spec: Spec, got: tuple, case: Case) -> dict:
+    """float64 everywhere -> TOL["float64"]; any float32 result or input -> TOL[spec.tol32]."""
+    single = any(_t.kind_of(g) == "f" and g.dtype.itemsize < 8 for g in got)
+    single = single or any(a.dtype == np.float32 for a in _arrays(case.args))
+    return _t.tolerances[spec.tol32 if single else "float64"]
+
+
+def _mismatch(spec: Spec, got: tuple, expected: tuple, case: Case, tol: dict):
+    """None when ``got`` matches ``expected``; otherwise what is wrong, in words."""
+    labels = ("inputs", "targets") if spec.out == "int_pair" else ("",)
+    for label, g, e in zip(labels, got, expected, strict=True):
+        what = f"{spec.name} returned" + (f" {label} with" if label else "")
+        if g.shape != e.shape:
+            wanted = "a single number, shape ()" if e.shape == () else f"shape {_shape(e)}"
+            return f"{what} shape {_shape(g)} for {_describe(case)}; expected {wanted}."
+        if _t.kind_of(e) != "f":
+            if not _t.identical(g, e):
+                idx = _index(_t.not_equal(g, e))
+                legend = " (1 = True)" if e.dtype == bool else ""
+                return (f"{what} wrong values for {_describe(case)}: at {_at(idx)} expected "
+                        f"{e[idx].item()!r} but got {g[idx].item()!r}.\n"
+                        f"Expected{legend}:\n{_grid(e)}\nGot:\n{_grid(g)}")
+            continue
+        bad = _t.logical_and(_t.logical_not(_t.isfinite(g)), _t.isfinite(e))
+        if bad.any():
+            idx = _index(bad)
+            return (f"{what} {float(g[idx])} at {_at(idx)} for {_describe(case)}, where the "
+                    f"expected value is {float(e[idx]):.6g}.")
+        wrong = _t.logical_not(_t.close_where(g, e, **tol))
+        if wrong.any():
+            with np.errstate(all="ignore"):
+                diff = np.where(wrong, np.abs(g.astype(np.float64) - e), -1.0)
+            diff = np.where(np.isnan(diff), np.inf, diff)
+            idx = _index(diff == diff.max())
+            message = (f"{what} wrong values for {_describe(case)}: at {_at(idx)} expected "
+                       f"{float(e[idx]):.10g} but got {float(g[idx]):.10g} (largest difference "
+                       f"{diff.max():.3g}).")
+            if _t.close(g, e, **_t.tolerances["float32_op"]):
+                message += (f" That is close, but not within the tolerance for float64 "
+                            f"(rtol={tol['rtol']:g}, atol={tol['atol']:g}): did part of the "
+                            f"computation run in float32? Keep the input's dtype.")
+            return message
+    return None
+
+
+# --- step 4: name the mistake -------------------------------------------------------------------
+
+
+def _diagnose(spec: Spec, got: tuple, expected: tuple, args: tuple, case: Case, tol: dict):
+    """The message of the first known mistake whose output ``got`` matches, else None."""
+    for mistake in spec.mistakes(*args):
+        try:
+            with _t.catch_warnings(), _t.errstate(all="ignore"):
+                _t.simplefilter("ignore")
+                wrong = _parts(spec, mistake.fn(*args))
+        except Exception:  # a variant that cannot run on this input (shapes) says nothing
+            continue
+        if _matches(wrong, expected, tol) or not _matches(got, wrong, tol):
+            continue  # indistinguishable from the right answer here, or not what they did
+        return mistake.says.replace("{name}", spec.name).replace("{case}", _describe(case))
+    return None
+
+
+def _matches(a: tuple, b: tuple, tol: dict) -> bool:
+    if _t.len_(a) != _t.len_(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if _t.kind_of(y) == "f" or _t.kind_of(x) == "f":
+            if not _t.close(x, y, **tol):
+                return False
+        elif not _t.identical(x, y):
+            return False
+    return True
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def _parts(spec: Spec, value) -> tuple:
+    """A reference or variant output as a tuple of ndarrays."""
+    if spec.out == "int_pair":
+        return tuple(_t.asarray(v) for v in value)
+    return (_t.asarray(value),)
+
+
+def _arrays(args):
+    for a in args:
+        if _t.type_(a) is _t.ndarray:
+            yield a
+        elif _t.type_(a) is dict:
+            yield from _arrays(a.values())
+
+
+def _float64(args: tuple) -> tuple:
+    """The case's arguments with float arrays in float64, for references and variants."""
+    def up(a):
+        if _t.type_(a) is _t.ndarray and a.dtype.kind == "f":
+            return _t.asarray(a, dtype=_t.float64)
+        if _t.type_(a) is dict:
+            return {k: up(v) for k, v in a.items()}
+        return a
+    return tuple(up(a) for a in args)
+
+
+def _input_dtype(case: Case) -> str:
+    dtypes = [str(a.dtype) for a in _arrays(case.args) if a.dtype.kind == "f"]
+    return dtypes[0] if dtypes else "float64"
+
+
+def _describe(case: Case) -> str:
+    """'x of shape (4, 7)', or the values themselves for tiny inputs."""
+    parts = []
+    for name, value in zip(case.names, case.args, strict=True):
+        if _t.type_(value) is _t.ndarray:
+            if value.size <= 8 and value.ndim <= 2:
+                parts.append(f"{name} = {_show(value)}")
+            else:
+                parts.append(f"{name} of shape {_shape(value)}")
+        elif _t.type_(value) is dict:
+            parts.append(f"{name} (a dict of weights)")
+        else:
+            parts.append(f"{name} = {value!r}")
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _show(a) -> str:
+    text = _t.array2string(a, separator=", ", threshold=64,
+                           formatter={"float_kind": lambda v: f"{v:.6g}"})
+    return " ".join(text.split()).replace("[ ", "[")
+
+
+def _grid(a) -> str:
+    """An integer or boolean array as rows of numbers (True = 1), for masks and token ids."""
+    return _t.array2string(a.astype(np.int64), threshold=400, max_line_width=100)
+
+
+def _shape(a) -> tuple:
+    return tuple(int(n) for n in a.shape)
+
+
+def _index(flags) -> tuple:
+    hits = _t.argwhere(flags)
+    return tuple(int(i) for i in hits[0]) if len(hits) else ()
+
+
+def _at(idx: tuple) -> str:
+    return f"index {idx}" if idx else "the result"
+
+
+def _with_note(message: str, case: Case) -> str:
+    return f"{message} {case.note}" if case.note else message
+
+
+def _normal(rng, *shape, scale=1.0, dtype=np.float64):
+    return (rng.normal(size=shape) * scale).astype(dtype)
+
+
+# ==============================================================================================
+# NumPy building blocks for the wrong variants (they only ever shape a message)
+# ==============================================================================================
+
+
+def _plain_softmax(x, axis=-1, stable=True):
+    """Softmax without the all -inf row guard (so such rows give nan, as most learners' do)."""
+    if stable:
+        x = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _scores(q, k, divide_by):
+    return q @ np.swapaxes(k, -1, -2) / divide_by
+
+
+def _attention_variant(q, k, v, mask=None, *, divide_by=None, masking="-inf", guard=True,
+                       stable=True, axis=-1, transpose_scores=False):
+    """Scaled dot-product attention with one knob turned to a known mistake."""
+    scale = math.sqrt(q.shape[-1]) if divide_by is None else divide_by
+    scores = _scores(q, k, scale)
+    if transpose_scores:
+        scores = _scores(k, q, scale)  # (..., seq_k, seq_q): rows are keys
+    if mask is not None and masking in ("-inf", "zero", "-1e9", "inverted", "transposed"):
+        keep = {"inverted": ~mask, "transposed": np.swapaxes(mask, -1, -2)}.get(masking, mask)
+        fill = {"zero": 0.0, "-1e9": -1e9}.get(masking, -np.inf)
+        scores = np.where(keep, scores, fill)
+    if guard and stable and axis == -1:
+        weights = _t.ref_softmax(scores)
+    else:
+        weights = _plain_softmax(scores, axis=axis, stable=stable)
+    if mask is not None and masking == "after":
+        weights = np.where(mask, weights, 0.0)
+    if mask is not None and masking == "after -inf":
+        weights = np.where(mask, weights, -np.inf)
+    return weights @ v
+
+
+def _layer_norm_variant(x, gamma, beta, *, ddof=0, eps=1e-5, eps_outside=False, center=True,
+                        raw_second_moment=False, axis=-1, use_gamma=True, use_beta=True,
+                        swap=False):
+    mean = np.mean(x, axis=axis, keepdims=True)
+    if raw_second_moment:
+        var = np.mean(x**2, axis=axis, keepdims=True)
+    else:
+        var = np.var(x, axis=axis, keepdims=True, ddof=ddof)
+    centered = x - mean if center else x
+    x_hat = centered / (np.sqrt(var) + eps) if eps_outside else centered / np.sqrt(var + eps)
+    if swap:
+        gamma, beta = beta, gamma
+    return x_hat * (gamma if use_gamma else 1.0) + (beta if use_beta else 0.0)
+
+
+def _mha_variant(x, w_qkv, b_qkv, w_out, b_out, n_head, *, scale="d_head", causal="causal",
+                 order=(0, 1, 2), split_ok=True, merge_ok=True, out_proj=True, qkv_bias=True,
+                 out_bias=True):
+    *lead, seq, d_model = x.shape
+    d_head = d_model // n_head
+    qkv = x @ w_qkv + (b_qkv if qkv_bias else 0.0)  # (..., seq, 3*d_model)
+    chunks = np.split(qkv, 3, axis=-1)
+    q, k, v = (chunks[i] for i in order)
+
+    def split(t):  # (..., seq, d_model) -> (..., n_head, seq, d_head)
+        if split_ok:
+            return np.swapaxes(t.reshape(*lead, seq, n_head, d_head), -3, -2)
+        return t.reshape(*lead, n_head, seq, d_head)  # wrong: no transpose
+
+    q, k, v = split(q), split(k), split(v)
+    divide_by = {"d_head": math.sqrt(d_head), "d_model": math.sqrt(d_model), "none": 1.0}[scale]
+    scores = _scores(q, k, divide_by)  # (..., n_head, seq, seq)
+    if causal != "none":
+        mask = _t.ref_causal_mask(seq)
+        scores = np.where(mask if causal == "causal" else mask.T, scores, -np.inf)
+    out = _t.ref_softmax(scores) @ v  # (..., n_head, seq, d_head)
+    if merge_ok:
+        out = np.swapaxes(out, -3, -2).reshape(*lead, seq, d_model)
+    else:
+        out = out.reshape(*lead, seq, d_model)  # wrong: no transpose
+    if out_proj:
+        out = out @ w_out + (b_out if out_bias else 0.0)
+    return out
+
+
+def _block_variant(x, p, n_head, *, attn_residual=True, mlp_residual=True, norm="pre",
+                   causal=True, swap_norms=False, mlp_first=False):
+    ln1 = (p["ln1_gamma"], p["ln1_beta"])
+    ln2 = (p["ln2_gamma"], p["ln2_beta"])
+    if swap_norms:
+        ln1, ln2 = ln2, ln1
+
+    def attn(h):
+        return _t.ref_multi_head_attention(h, p["w_qkv"], p["b_qkv"], p["w_out"], p["b_out"],
+                                           n_head, causal=causal)
+
+    def mlp(h):
+        return _t.ref_mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
+
+    def sublayer(x, f, ln, residual):
+        if norm == "pre":
+            y = f(_t.ref_layer_norm(x, *ln))
+            return x + y if residual else y
+        if norm == "post":
+            return _t.ref_layer_norm(x + f(x), *ln)
+        if norm == "stream":  # normalizes the residual stream itself
+            x = _t.ref_layer_norm(x, *ln)
+            return x + f(x)
+        return x + f(x)  # "none"
+
+    steps = [(attn, ln1, attn_residual), (mlp, ln2, mlp_residual)]
+    if mlp_first:
+        steps.reverse()
+    for f, ln, residual in steps:
+        x = sublayer(x, f, ln, residual)
+    return x
+
+
+
+# ==============================================================================================
+# Value answers
+# ==============================================================================================
+#
+# Most checkers use ``_run`` as it is. A few exercises return a Python value rather
+# than an array (text, a list of token ids, True/False, a count): ``_run_value`` takes those
+# through the same steps (``_call``; a check of what kind of value came back; the comparison
+# with the reference; the known mistakes), on exact builtin values instead of arrays.
+
+
+def _run_value(spec: Spec, fn, cases, whole_run: bool = False) -> None:
+    """The body of a checker whose exercise returns a value: ``spec.out`` is a ``_VALUE_KINDS`` key.
+
+    The learner's output is read into an exact builtin (str, tuple of int, bool, int) before it is
+    compared, so no learner code (a lying ``__eq__``) runs in the comparison. ``whole_run``: take
+    the learner's answers on every case first and name a mistake only if it gives those answers
+    on every case (one True/False on one input says little about what was done).
+    """
+    if not _t.callable_(fn):
+        raise AssertionError(f"{spec.name} should be a function, but it is a "
+                             f"{_t.type_(fn).__name__}. Define it with `def {spec.name}(...):`.")
+    read, norm = _VALUE_KINDS[spec.out]
+    learner = _Learner(fn, "numpy")
+    with _t.pristine():
+        with _t.catch_warnings(), _t.errstate(all="ignore"):
+            _t.simplefilter("ignore")
+            expected = [norm(spec.reference(*case.args)) for case in cases]
+        got = []
+        for case, want in zip(cases, expected, strict=True):
+            lists = [(n, list(a)) for n, a in zip(case.names, case.args, strict=True)
+                     if _t.type_(a) is list]
+            out = _call(spec, learner, case)
+            for label, before in lists:
+                if case.args[case.names.index(label)] != before:
+                    raise AssertionError(
+                        f"{spec.name} changed its input {label} (a list) when called with "
+                        f"{_describe(_Case_before(case, label, before))}. Leave the inputs alone "
+                        f"and build a new list instead.")
+            got.append(read(spec, out, case))
+            if not whole_run and got[-1] != want:
+                break
+        for i, (case, want, value) in enumerate(zip(cases, expected, got, strict=False)):
+            if value != want:
+                said = _diagnose_value(spec, cases, expected, got, i, norm, whole_run)
+                raise AssertionError(said if said is not None else _with_note(
+                    _value_mismatch(spec, value, want, case), case))
+
+
+def _Case_before(case: Case, label: str, before: list) -> Case:
+    """``case`` with one list argument as it was before the learner's function changed it."""
+    args = tuple(before if n == label else a for n, a in zip(case.names, case.args, strict=True))
+    return Case(args, case.names, case.note)
+
+
+def _diagnose_value(spec: Spec, cases, expected, got, i: int, norm, whole_run: bool):
+    """The first mistake that gives the learner's answer on case ``i`` (on every case if
+    ``whole_run``) where the right answer differs."""
+    def wrong_value(mistake, args):
+        with _t.catch_warnings(), _t.errstate(all="ignore"):
+            _t.simplefilter("ignore")
+            return norm(mistake.fn(*args))
+
+    case = cases[i]
+    for mistake in spec.mistakes(*case.args):
+        try:
+            wrong = wrong_value(mistake, case.args)
+        except Exception:  # a variant that cannot run on this input says nothing
+            continue
+        if wrong == expected[i] or wrong != got[i]:
+            continue
+        if whole_run:
+            try:
+                if any(wrong_value(mistake, c.args) != g for c, g in zip(cases, got, strict=True)):
+                    continue
+            except Exception:
+                continue
+        return mistake.says.replace("{name}", spec.name).replace("{case}", _describe(case))
+    return None
+
+
+def _value_mismatch(spec: Spec, got, want, case: Case) -> str:
+    """What is wrong with a value answer, in words (the case's note is added by the caller)."""
+    where = _describe(case)
+    if spec.out == "ids":
+        g, w = list(got), list(want)
+        text = f"{spec.name} returned {g} for {where}; expected {w}."
+        if len(g) != len(w):
+            return text + f" That is {len(g)} ids instead of {len(w)}."
+        first = next(k for k in range(len(w)) if g[k] != w[k])
+        return text + f" The first difference is at position {first}."
+    if spec.out == "count":
+        return (f"{spec.name} returned {got:,} for {where}, which is not the number of "
+                f"parameters. Count every weight matrix and bias vector of the layer.")
+    return f"{spec.name} returned {got!r} for {where}; expected {want!r}."
+
+
+# --- reading a value answer (each raises the AssertionError that says what was expected) --------
+
+
+def _read_text(spec: Spec, out, case: Case) -> str:
+    if _t.type_(out) is str:
+        return out
+    if (_t.type_(out) is list or _t.type_(out) is tuple) and all(_t.type_(s) is str for s in out):
+        raise AssertionError(
+            f"{spec.name} returned a {_t.type_(out).__name__} of strings for {_describe(case)}; "
+            f"return one string: join the pieces with ''.join(...).")
+    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; "
+                         f"it should return a string (str).")
+
+
+def _is_integer(v) -> bool:
+    return _t.type_(v) is int or _t.isinstance_(v, np.integer)
+
+
+def _read_ids(spec: Spec, out, case: Case) -> tuple:
+    torch = _t.torch_refs()
+    if _t.type_(out) is _t.ndarray or (torch is not None and _t.type_(out) is torch.Tensor):
+        arr = out if _t.type_(out) is _t.ndarray else torch.numpy(torch.cpu(torch.detach(out)))
+        if _t.kind_of(arr) in "iu" and arr.ndim == 1:
+            return _t.tuple_(int(v) for v in arr.tolist())
+        raise AssertionError(
+            f"{spec.name} returned an array of dtype {arr.dtype} and shape {_shape(arr)} for "
+            f"{_describe(case)}; it should return the token ids, one integer per token, e.g. "
+            f"a list like [4, 3, 5].")
+    if _t.type_(out) is list or _t.type_(out) is tuple:
+        for v in out:
+            if not _is_integer(v):
+                shown = repr(v) if _t.type_(v) is str else _kind_of_object(v)
+                raise AssertionError(
+                    f"{spec.name} returned a {_t.type_(out).__name__} containing {shown} for "
+                    f"{_describe(case)}; every entry must be a token id, an integer "
+                    f"(the position of the character in itos).")
+        return _t.tuple_(int(v) for v in out)
+    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
+                         f"should return a list of token ids (integers).")
+
+
+def _read_flag(spec: Spec, out, case: Case) -> bool:
+    if _t.type_(out) is bool or _t.type_(out) is np.bool_:
+        return bool(out)
+    torch = _t.torch_refs()
+    if _t.type_(out) is _t.ndarray or (torch is not None and _t.type_(out) is torch.Tensor):
+        if out.shape == () and out.dtype in (np.bool_, getattr(torch, "bool", None)):
+            return bool(out.item())
+        raise AssertionError(
+            f"{spec.name} returned an array of shape {_shape(out)} for {_describe(case)}; return "
+            f"a single True or False for the whole comparison: np.allclose(a, b) (a == b compares "
+            f"entry by entry).")
+    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
+                         f"should return True or False.")
+
+
+def _read_count(spec: Spec, out, case: Case) -> int:
+    if _is_integer(out):
+        return int(out)
+    if _t.type_(out) in (float, _t.float64, _t.float32):
+        if math.isfinite(out) and float(out).is_integer():
+            return int(out)
+        raise AssertionError(f"{spec.name} returned {float(out)!r} for {_describe(case)}, which is "
+                             f"not a whole number; a count of parameters is an integer (use // "
+                             f"rather than / to divide).")
+    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
+                         f"should return a whole number (an int).")
+
+
+_VALUE_KINDS = {
+    # spec.out: (read the learner's output, normalize a trusted reference or variant output)
+    "text": (_read_text, str),
+    "ids": (_read_ids, lambda v: _t.tuple_(int(i) for i in v)),
+    "flag": (_read_flag, bool),
+    "count": (_read_count, int),
+}
+
+
+class _Shown:
+    """A function handed to the learner's code that reads as a description in messages."""
+
+    def __init__(self, text: str, fn):
+        self.text = text
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __repr__(self):
+        return self.text
