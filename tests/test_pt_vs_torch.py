@@ -152,7 +152,8 @@ def test_gelu_vs_torch(device, dtype, fused):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ignore_index", [None, 0, -1])
-def test_cross_entropy_vs_torch(device, dtype, ignore_index):
+@pytest.mark.parametrize("fused", PATHS)
+def test_cross_entropy_vs_torch(device, dtype, ignore_index, fused):
     g = torch.Generator().manual_seed(5)
     logits = randn(3, 7, 11, device=device, dtype=dtype) * 3
     targets = torch.randint(0, 11, (3, 7), generator=g).to(device)
@@ -160,13 +161,15 @@ def test_cross_entropy_vs_torch(device, dtype, ignore_index):
         targets[:, -2:] = -1  # padding
     expected = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1),
                                ignore_index=-100 if ignore_index is None else ignore_index)
-    close(qpt.cross_entropy(logits, targets, ignore_index=ignore_index), expected, dtype)
+    close(qpt.cross_entropy(logits, targets, ignore_index=ignore_index, fused=fused), expected,
+          dtype)
 
 
 def test_cross_entropy_all_ignored_is_nan_like_torch(device):
     logits, targets = randn(2, 5, device=device), torch.full((2,), -1, device=device)
     assert torch.isnan(F.cross_entropy(logits, targets, ignore_index=-1))
     assert torch.isnan(qpt.cross_entropy(logits, targets, ignore_index=-1))
+    assert torch.isnan(qpt.cross_entropy(logits, targets, ignore_index=-1, fused=True))
 
 
 def test_embed_vs_torch(device):

@@ -133,7 +133,8 @@ def train_step(model, optimizer, x, y, lr: float, grad_clip: float, autocast=nul
         group["lr"] = lr
     with autocast():
         logits = model(x)  # (batch, seq, vocab); bf16 under CUDA autocast
-    loss = cross_entropy(logits.float(), y)  # the loss itself in float32
+    # the loss itself in float32, through the model's own kernels
+    loss = cross_entropy(logits.float(), y, fused=model.config.fused)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.tensor(float("nan"))
@@ -162,7 +163,7 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, device, autocast=nullco
             x, y = get_batch(ids, cfg.batch_size, cfg.context_length, gen, device=device)
             with autocast():
                 logits = model(x)
-            losses.append(cross_entropy(logits.float(), y))
+            losses.append(cross_entropy(logits.float(), y, fused=model.config.fused))
         out[name] = torch.stack(losses).mean().item()
     model.train(was_training)
     return out

@@ -1,12 +1,13 @@
 """Cross-entropy loss for next-token prediction."""
 
 import torch
+import torch.nn.functional as F
 
 from qkv._checks import check_float, check_min_ndim, check_token_ids, shape_of
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                  ignore_index: int | None = None) -> torch.Tensor:
+                  ignore_index: int | None = None, fused: bool = False) -> torch.Tensor:
     """Mean of -log softmax(logits)[target] over the positions not equal to ignore_index.
 
     logits: (..., vocab) floats;  targets: (...) integers in [0, vocab) (or ignore_index)
@@ -15,6 +16,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
     Uses log-sum-exp: -log p[t] = logsumexp(logits) - logits[t], with the max subtracted
     inside the exp, so it never forms a softmax that could underflow to log(0).
+    fused: torch's one-kernel F.cross_entropy (and its one-kernel gradient). Same result.
     """
     fn = "cross_entropy"
     check_float(fn, "logits", logits)
@@ -24,6 +26,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"{fn}: targets must have shape logits.shape[:-1]; "
                          f"got logits {shape_of(logits)} and targets {shape_of(targets)}")
 
+    if fused:
+        flat = logits.reshape(-1, logits.shape[-1])  # (positions, vocab), as F wants them
+        # F's ignore_index is always on (default -100): use one no valid target can have.
+        ignore = -1 - logits.shape[-1] if ignore_index is None else ignore_index
+        return F.cross_entropy(flat, targets.reshape(-1).long(), ignore_index=ignore)
     m = logits.amax(dim=-1, keepdim=True)  # (..., 1)
     lse = m[..., 0] + torch.log(torch.exp(logits - m).sum(dim=-1))  # (...,) log-sum-exp
     if ignore_index is None:

@@ -38,8 +38,9 @@ class GPTConfig:
     dropout: probability of zeroing entries of the input embeddings (token + position) while
         training; the blocks are pure functions without dropout.
     bias: whether linear layers and layer norms have biases.
-    fused: torch's fused kernels (scaled_dot_product_attention, layer_norm, gelu, linear):
-        the same math in fewer, faster kernels; False runs the naive path the book teaches.
+    fused: torch's fused kernels (scaled_dot_product_attention, layer_norm, gelu, linear,
+        cross_entropy): the same math in fewer, faster kernels; False runs the naive path the
+        book teaches.
     """
 
     vocab_size: int
@@ -194,7 +195,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (..., seq, vocab) = x @ wte.T
         if targets is None:
             return logits
-        return logits, cross_entropy(logits, targets, ignore_index=-1)
+        return logits, cross_entropy(logits, targets, ignore_index=-1, fused=cfg.fused)
 
     def numpy_params(self) -> dict:
         """All weights as float64 NumPy copies in the layout ``qkv.np.gpt_forward`` takes."""
