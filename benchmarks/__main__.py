@@ -34,9 +34,10 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="small sizes and short runs")
     p.add_argument("--only", metavar="NAME[,NAME]",
                    help=f"run only these benchmarks: {', '.join(BENCHMARKS)}")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for NumPy and PyTorch in attention-cpu and training "
-                        "(default 1: steadier, and faster, on a busy shared machine)")
+                        "(default: 1 for attention-cpu, where NumPy's elementwise work has one "
+                        "thread anyway; every core for training, as python -m qkv.train uses)")
     p.add_argument("--out", type=Path,
                    help="JSON file to write (default benchmarks/results/bench-<date>.json)")
     args = p.parse_args(argv)
@@ -45,16 +46,20 @@ def parse_args(argv):
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     args.names = names
+    args.attention_threads = args.threads or 1
+    args.training_threads = args.threads or os.cpu_count() or 1
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    machine = machine_info(args.threads)
+    machine = machine_info({"attention-cpu": args.attention_threads,
+                            "training": args.training_threads})
     print(f"# qkv benchmarks{' (--quick)' if args.quick else ''}: {machine['date']}")
     print(f"# {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu'] or 'none'}; "
-          f"numpy {machine['numpy']}, torch {machine['torch']}; threads {args.threads}; "
+          f"numpy {machine['numpy']}, torch {machine['torch']}; threads: attention-cpu "
+          f"{args.attention_threads}, training {args.training_threads}; "
           f"load average {machine['load_avg_1min']}")
     sections, failed = {}, []
     for name in args.names:

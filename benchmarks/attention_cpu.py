@@ -116,9 +116,10 @@ def _float32(params):
 
 def run(args) -> list[dict]:
     """Runs the child with fixed threads, then adds the exponents and the 1.5x verdict."""
-    cmd = [sys.executable, "-m", "benchmarks.attention_cpu", "--threads", str(args.threads)]
+    threads = args.attention_threads
+    cmd = [sys.executable, "-m", "benchmarks.attention_cpu", "--threads", str(threads)]
     proc = subprocess.run(cmd + (["--quick"] if args.quick else []), cwd=ROOT,
-                          env=thread_env(args.threads), stdout=subprocess.PIPE, text=True)
+                          env=thread_env(threads), stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
     rows = json.loads(proc.stdout)
@@ -126,7 +127,7 @@ def run(args) -> list[dict]:
                "np_over_naive", "np_over_fused", "max_abs_diff"]
     sections = [dict(name="attention-cpu",
                      title=f"Attention, CPU: qkv.np / qkv.pt, float32, batch {rows[0]['batch']}, "
-                           f"{args.threads} thread(s), model = {rows[-1]['n_layer']} layers, "
+                           f"{threads} thread(s), model = {rows[-1]['n_layer']} layers, "
                            f"vocab {VOCAB}",
                      columns=columns, rows=rows, notes=[])]
 

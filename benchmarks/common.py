@@ -45,7 +45,7 @@ def version(package: str) -> str | None:
         return None
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: dict) -> dict:
     """The machine and library versions a result was measured with."""
     import torch  # safe here: called by the parent process, never by a thread-pinned child
 
@@ -54,7 +54,7 @@ def machine_info(threads: int) -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "threads": threads,
+        "threads": threads,  # per benchmark
         # Other work on the machine slows everything: the 1-minute load average at the start.
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),

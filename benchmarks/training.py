@@ -3,9 +3,9 @@
 Targets (the training issue): cpu-small reaches validation loss <= 1.88 within its 2000 steps
 (nanoGPT's CPU recipe of the same size: 1.886 in 90 s on this 2-core machine class); on a GPU,
 gpu-baby reaches <= 1.47 in under 40 s including start-up. --quick runs 50 steps and reports
-tokens/s only. Threads: --threads (default 1), as ``python -m qkv.train --threads N``; on a
-busy 2-core machine one thread is several times faster than two. A missing qkv.train is
-reported as missing, never estimated.
+tokens/s only. Threads: every core, as ``python -m qkv.train`` uses, unless --threads says
+otherwise (on a machine busy with other work, one thread can be faster than two). A missing
+qkv.train is reported as missing, never estimated.
 
 The 90 s was measured on another machine, so a second table times one training step of qkv's
 GPT side by side with the same model written the way nanoGPT writes it (torch.nn layers:
@@ -181,7 +181,7 @@ def run(args) -> list[dict]:
     for preset in presets:
         log(f"  training: {preset}{' (--quick: 50 steps)' if args.quick else ''}")
         try:
-            section["rows"].append(one_run(qtrain, preset, args.quick, args.threads))
+            section["rows"].append(one_run(qtrain, preset, args.quick, args.training_threads))
         except Exception as e:  # noqa: BLE001 - reported in the table
             section["rows"].append(dict(preset=preset, status=f"error: {type(e).__name__}: {e}"))
     steps = dict(name="training-step", title="One cpu-small training step, side by side",
@@ -190,7 +190,7 @@ def run(args) -> list[dict]:
                      "the ratio, unlike the seconds, carries over to other machines"])
     log("  training: one step, qkv GPT vs torch.nn layers")
     try:
-        steps["rows"] = step_comparison(qtrain, args.threads, args.quick)
+        steps["rows"] = step_comparison(qtrain, args.training_threads, args.quick)
     except Exception as e:  # noqa: BLE001 - reported in the table
         steps["rows"].append(dict(model="both", status=f"error: {type(e).__name__}: {e}"))
     cpu = section["rows"][0]
