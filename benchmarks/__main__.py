@@ -1,7 +1,7 @@
 """``python -m benchmarks``: run the benchmarks, print one table per row, write the JSON.
 
-    python -m benchmarks                       everything (about 7.5 CPU-minutes on 2 cores)
-    python -m benchmarks --quick               small sizes, short runs (about 45 CPU-seconds)
+    python -m benchmarks                       everything (about 8 minutes on 2 cores)
+    python -m benchmarks --quick               small sizes, short runs (about 1 minute)
     (Wall time grows with other load on the machine: the load average is recorded.)
     python -m benchmarks --only attention-cpu,grading
 """
