@@ -57,19 +57,23 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weight
 QUERY_BLOCK = 128  # queries per step when causal attention skips the blocked keys
 
 
-def _attend(q, k, v, mask):
+def _attend(q, k, v, mask, *, mask_from=0, out=None, weights_out=None):
     """The attention formula on an already scaled q: returns out (..., seq_q, d_v) and
-    weights (..., seq_q, seq_k). Shapes as in scaled_dot_product_attention."""
-    scores = q @ np.swapaxes(k, -1, -2)  # (..., seq_q, seq_k)
+    weights (..., seq_q, seq_k). Shapes as in scaled_dot_product_attention.
+
+    mask_from: every key before this one is allowed for every query, so the mask is applied to
+    the keys from here on only. out, weights_out: arrays to write the results into.
+    """
+    scores = np.matmul(q, np.swapaxes(k, -1, -2), out=weights_out)  # (..., seq_q, seq_k)
     if mask is not None:
         # -inf before the softmax: exp(-inf) = 0, so blocked keys get exactly zero weight.
         full = np.broadcast_shapes(scores.shape, mask.shape)
         if full != scores.shape:  # a mask with more batch dims than q and k
             scores = np.broadcast_to(scores, full).copy()
-        np.copyto(scores, -np.inf, where=~mask)
+        np.copyto(scores[..., mask_from:], -np.inf, where=~mask[..., mask_from:])
     # scores is our own temporary, so the softmax may overwrite it (no extra (seq_q, seq_k) arrays).
     weights = softmax_in_place(scores, axis=-1)  # (..., seq_q, seq_k); fully blocked rows are 0
-    return weights @ v, weights  # out (..., seq_q, d_v)
+    return np.matmul(weights, v, out=out), weights  # out (..., seq_q, d_v)
 
 
 def _causal_by_query_blocks(q, k, v, return_weights):
@@ -90,13 +94,12 @@ def _causal_by_query_blocks(q, k, v, return_weights):
         n_keys = stop + seq_k - seq_q  # query i sees keys 0 .. i + seq_k - seq_q
         if n_keys <= 0:
             continue  # (seq_q > seq_k) this whole block of queries sees no key
-        # Bottom-right alignment within the block puts each query at its true position.
+        # Bottom-right alignment within the block puts each query at its true position, and
+        # only the block's last (stop - start) keys can be blocked for any of its queries.
         block_mask = causal_mask(stop - start, n_keys)  # (block, n_keys)
-        o, w = _attend(q[..., start:stop, :], k[..., :n_keys, :], v[..., :n_keys, :],
-                       block_mask)
-        out[..., start:stop, :] = o
-        if return_weights:
-            weights[..., start:stop, :n_keys] = w
+        _attend(q[..., start:stop, :], k[..., :n_keys, :], v[..., :n_keys, :], block_mask,
+                mask_from=max(0, n_keys - (stop - start)), out=out[..., start:stop, :],
+                weights_out=None if weights is None else weights[..., start:stop, :n_keys])
     return out, weights
 
 
