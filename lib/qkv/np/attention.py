@@ -134,9 +134,9 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
     causal: AND in the causal mask (default True: a decoder never looks ahead).
     returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq)) if return_weights.
     """
-    # The steps live in multi_head_attention_forward, which also keeps what backward needs.
+    # The steps live in multi_head_attention_forward; its cache holds the weights.
     out, cache = multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=mask,
-                                              causal=causal)
+                                              causal=causal, keep_cache=return_weights)
     if return_weights:
         weights = cache["attn"][-1]  # (..., n_head, seq, seq): kept by attention_forward
         return out, weights
@@ -185,10 +185,12 @@ def _sum_to_shape(grad, shape):
 
 
 def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None,
-                                 causal=True):
+                                 causal=True, keep_cache=True):
     """multi_head_attention (without return_weights), and the cache its backward needs.
 
     Arguments and output as in multi_head_attention; returns out (..., seq, d_model), cache.
+    keep_cache=False: only the output is wanted (cache is None), so the attention weights,
+    n_head x seq x seq numbers per batch entry, are never stored.
     """
     fn = "multi_head_attention"
     check_float(fn, "x", x)
@@ -204,9 +206,14 @@ def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=Non
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (..., seq, 3*d_model)
     q, k, v = np.split(qkv, 3, axis=-1)  # each (..., seq, d_model)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
-    out, attn_cache = attention_forward(q, k, v, causal=causal, mask=mask)
+    if keep_cache:
+        out, attn_cache = attention_forward(q, k, v, causal=causal, mask=mask)
+    else:
+        out = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)
     out = merge_heads(out)  # (..., seq, d_model): heads side by side again
     out, out_cache = linear_forward(out, w_out, b_out)  # (..., seq, d_model): mixes the heads
+    if not keep_cache:
+        return out, None
     return out, {"qkv": qkv_cache, "attn": attn_cache, "out": out_cache, "n_head": n_head}
 
 

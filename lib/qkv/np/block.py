@@ -21,25 +21,29 @@ def decoder_block(x: np.ndarray, params: dict, n_head: int, mask=None) -> np.nda
     Pre-LN: each sublayer reads a normalized copy of the residual stream and adds its result
     back, so the stream itself is never normalized and gradients flow straight through the sums.
     """
-    out, _ = decoder_block_forward(x, params, n_head, mask=mask)  # the wiring lives there
+    # the wiring lives there; nothing is kept for a backward pass
+    out, _ = decoder_block_forward(x, params, n_head, mask=mask, keep_cache=False)
     return out
 
 
-def decoder_block_forward(x: np.ndarray, params: dict, n_head: int, mask=None):
+def decoder_block_forward(x: np.ndarray, params: dict, n_head: int, mask=None,
+                          keep_cache=True):
     """decoder_block(x, params, n_head, mask), and the cache decoder_block_backward needs.
 
-    returns: out (..., seq, d_model), cache (one cache per sublayer)
+    returns: out (..., seq, d_model), cache (one cache per sublayer; None if not keep_cache,
+    and then attention never stores its weights)
     """
     p = params
     check_keys("decoder_block", p, BLOCK_PARAM_KEYS)
     h, ln1_cache = layer_norm_forward(x, p["ln1_gamma"], p["ln1_beta"])
     a, attn_cache = multi_head_attention_forward(h, p["w_qkv"], p["b_qkv"], p["w_out"],
-                                                 p["b_out"], n_head, mask=mask, causal=True)
+                                                 p["b_out"], n_head, mask=mask, causal=True,
+                                                 keep_cache=keep_cache)
     x = x + a  # (..., seq, d_model)
     h, ln2_cache = layer_norm_forward(x, p["ln2_gamma"], p["ln2_beta"])
     m, mlp_cache = mlp_forward(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
     x = x + m  # (..., seq, d_model)
-    return x, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
+    return x, (ln1_cache, attn_cache, ln2_cache, mlp_cache) if keep_cache else None
 
 
 def decoder_block_backward(dout: np.ndarray, cache) -> dict:

@@ -28,12 +28,14 @@ def gpt_forward(token_ids: np.ndarray, params: dict, n_head: int) -> np.ndarray:
     The unembedding is tied: logits = ln_f(x) @ wte.T, so the same table maps tokens to
     vectors and vectors back to token scores.
     """
-    logits, _ = _logits_forward(token_ids, params, n_head)  # the steps live there
+    # the steps live there; nothing is kept for a backward pass
+    logits, _ = _logits_forward(token_ids, params, n_head, keep_cache=False)
     return logits
 
 
-def _logits_forward(token_ids, params, n_head):
-    """gpt_forward's steps, each keeping its cache: returns logits (..., seq, vocab), cache."""
+def _logits_forward(token_ids, params, n_head, keep_cache=True):
+    """gpt_forward's steps, each keeping its cache: returns logits (..., seq, vocab), cache
+    (None if not keep_cache)."""
     wte, wpe = params["wte"], params["wpe"]
     check_token_ids("gpt_forward", "token_ids", token_ids, vocab=wte.shape[0])
     check_min_ndim("gpt_forward", "token_ids", token_ids, 1, "(..., seq)")
@@ -45,11 +47,14 @@ def _logits_forward(token_ids, params, n_head):
     x = x + wpe[:seq]  # (..., seq, d_model): token + learned position
     block_caches = []
     for block in params["blocks"]:
-        x, cache = decoder_block_forward(x, block, n_head)  # (..., seq, d_model)
+        # (..., seq, d_model)
+        x, cache = decoder_block_forward(x, block, n_head, keep_cache=keep_cache)
         block_caches.append(cache)
     x, lnf_cache = layer_norm_forward(x, params["lnf_gamma"], params["lnf_beta"])
     # Tied unembedding: a linear layer whose weight is wte.T, (d_model, vocab).
     logits, unembed_cache = linear_forward(x, wte.T)  # (..., seq, vocab)
+    if not keep_cache:
+        return logits, None
     return logits, (embed_cache, wpe.shape, block_caches, lnf_cache, unembed_cache)
 
 
