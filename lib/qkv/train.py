@@ -61,7 +61,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = _f("windows per step", 12)
     max_steps: int = _f("optimizer steps; the cosine schedule ends here", 2000)
-    lr: float = _f("peak learning rate, reached at the end of warm-up", 2e-3)
+    lr: float = _f("peak learning rate, reached at the end of warm-up", 4e-3)
     min_lr: float = _f("learning rate at the end of the cosine decay", 1e-4)
     warmup_steps: int = _f("steps of linear warm-up from lr/warmup_steps to lr", 100)
     weight_decay: float = _f("AdamW weight decay, on matrices (ndim >= 2) only", 0.1)
@@ -69,7 +69,7 @@ class TrainConfig:
     beta2: float = _f("AdamW beta2 (momentum of the squared gradient)", 0.99)
     grad_clip: float = _f("clip the global gradient norm to this (0: no clipping)", 1.0)
     # evaluation and the rest
-    eval_interval: int = _f("evaluate and save a checkpoint every this many steps", 250)
+    eval_interval: int = _f("evaluate and save a checkpoint every this many steps", 100)
     eval_iters: int = _f("batches per split for each evaluation (fixed batches, so evaluations "
                          "compare)", 20)
     sample_tokens: int = _f("characters to generate at the end (0: none)", 300)
