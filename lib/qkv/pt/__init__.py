@@ -1,10 +1,10 @@
 """qkv.pt: the PyTorch reference, mirroring qkv.np function for function.
 
 Same names, argument order and keywords as ``qkv.np``; the functions torch has a fused kernel
-for (linear, layer_norm, gelu, mlp, the attention functions, decoder_block) add one keyword,
-``fused``: the same math through that kernel instead of the naive path. Results follow the
-device and dtype of the inputs (CPU or CUDA; float32, float64, bfloat16). ``GPTConfig`` and
-``GPT`` wrap the pure functions in GPT-2's module layout.
+for (linear, layer_norm, gelu, mlp, cross_entropy, the attention functions, decoder_block) add
+one keyword, ``fused``: the same math through that kernel instead of the naive path. Results
+follow the device and dtype of the inputs (CPU or CUDA; float32, float64, bfloat16).
+``GPTConfig`` and ``GPT`` wrap the pure functions in GPT-2's module layout.
 """
 
 from .attention import merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads
