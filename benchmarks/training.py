@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 
+from .attention_cpu import VOCAB
 from .common import log, time_calls
 
 TARGETS = {"cpu-small": dict(val_loss=1.88, wall_s=90.0),
@@ -28,9 +30,20 @@ COLUMNS = ["preset", "status", "device", "threads", "steps", "tokens_per_s", "tr
            "met"]
 
 
-def one_run(qtrain, preset: str, quick: bool, threads: int) -> dict:
+@contextmanager
+def torch_threads(threads: int):
+    """torch runs on ``threads`` CPU threads inside the block, as before it afterwards."""
     import torch
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def one_run(qtrain, preset: str, quick: bool, threads: int) -> dict:
     row = dict(preset=preset, status="ok", threads=threads)
     with tempfile.TemporaryDirectory(prefix="qkv-bench-train-") as out_dir:
         overrides = dict(out_dir=out_dir, sample_tokens=0)
@@ -44,12 +57,8 @@ def one_run(qtrain, preset: str, quick: bool, threads: int) -> dict:
             if message.startswith("step "):
                 stamps.append(time.perf_counter() - t0)
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             result = qtrain.train(cfg, progress=False, plot=False, log=note)
-        finally:
-            torch.set_num_threads(previous)
         wall = time.perf_counter() - t0
     train_s = result.get("train_s", result.get("wall_s"))  # seconds in steps, evals excluded
     row.update(device=str(qtrain.resolve_device(cfg.device)), steps=result["step"],
@@ -130,13 +139,12 @@ def step_comparison(qtrain, threads: int, quick: bool) -> list[dict]:
     import torch
 
     cfg = qtrain.make_config("cpu-small")
-    vocab = 65  # tinyshakespeare's characters
-    sizes = (vocab, cfg.context_length, cfg.n_layer, cfg.n_head, cfg.d_model)
+    sizes = (VOCAB, cfg.context_length, cfg.n_layer, cfg.n_head, cfg.d_model)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (cfg.batch_size, cfg.context_length), generator=gen)
-    y = torch.randint(0, vocab, (cfg.batch_size, cfg.context_length), generator=gen)
+    x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.context_length), generator=gen)
+    y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.context_length), generator=gen)
 
-    ours = qtrain.GPT(qtrain.model_config(cfg, vocab), generator=gen)
+    ours = qtrain.GPT(qtrain.model_config(cfg, VOCAB), generator=gen)
     ours_opt = qtrain.make_optimizer(ours, cfg, torch.device("cpu"))
     theirs = nn_layout_gpt(*sizes)
     theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -151,13 +159,9 @@ def step_comparison(qtrain, threads: int, quick: bool) -> list[dict]:
     steps = {"qkv GPT (qkv.train.train_step)":
              lambda: qtrain.train_step(ours, ours_opt, x, y, cfg.lr, cfg.grad_clip),
              "torch.nn layers, nanoGPT's layout": theirs_step}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         t = time_calls(steps, warmup=3, repeat=5 if quick else 15, number=5 if quick else 10,
                        budget_s=2 if quick else 20)
-    finally:
-        torch.set_num_threads(previous)
     base = t["torch.nn layers, nanoGPT's layout"]
     tokens = cfg.batch_size * cfg.context_length
     return [dict(model=name, threads=threads, ms_per_step=1e3 * s, tokens_per_s=tokens / s,
@@ -195,11 +199,12 @@ def run(args) -> list[dict]:
         steps["rows"].append(dict(model="both", status=f"error: {type(e).__name__}: {e}"))
     cpu = section["rows"][0]
     if cpu.get("s_to_target") and len(steps["rows"]) == 2:
-        nn_run = 2000 * steps["rows"][1]["ms_per_step"] / 1e3
+        n_steps = qtrain.make_config("cpu-small").max_steps  # nanoGPT's recipe runs as many
+        nn_run = n_steps * steps["rows"][1]["ms_per_step"] / 1e3
         steps["notes"].append(
-            f"qkv reached val loss <= 1.88 in {cpu['s_to_target']:.0f} s, start-up and "
-            f"evaluations included; 2000 steps of the nn-layer model (nanoGPT's run to 1.886), "
-            f"steps alone, take {nn_run:.0f} s here")
+            f"qkv reached val loss <= {cpu['target_val_loss']} in {cpu['s_to_target']:.0f} s, "
+            f"start-up and evaluations included; {n_steps} steps of the nn-layer model "
+            f"(nanoGPT's run to 1.886), steps alone, take {nn_run:.0f} s here")
     if not args.quick:
         section["notes"].append("targets: cpu-small val loss <= 1.88 within 90 s wall "
                                 "(nanoGPT's CPU recipe: 1.886 in 90 s); gpu-baby <= 1.47 "
