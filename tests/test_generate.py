@@ -75,6 +75,27 @@ def test_the_cached_logits_equal_the_full_forward(fused):
                                        **TOL["float64"])
 
 
+def test_generation_runs_the_models_own_forward_one_token_per_step(monkeypatch):
+    # One wiring: every step goes through GPT.forward (no second copy of the block); with the
+    # cache, the prompt runs once and then each step feeds one token, until the window slides.
+    model = make_model()
+    seen = []
+    forward = GPT.forward
+
+    def spy(self, token_ids, targets=None, kv_cache=None):
+        seen.append((token_ids.shape[-1], None if kv_cache is None else kv_cache.pos))
+        return forward(self, token_ids, targets, kv_cache)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    generate(model, [1, 2, 3], 7, temperature=0)  # 3 + 7 = 10 > CONTEXT = 8
+    # prompt (3 at pos 0), then one token at pos 3..7 (the last fills the window to 8), then
+    # the window slides: the whole 8 again from pos 0, every step
+    assert seen == [(3, 0), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (8, 0)]
+    seen.clear()
+    generate(model, [1, 2, 3], 3, temperature=0, use_cache=False)
+    assert seen == [(3, None), (4, None), (5, None)]
+
+
 def test_numpy_cached_logits_equal_the_full_forward_and_torch(model):
     params, n_head = model.numpy_params(), model.config.n_head
     ids = np.array([2, 7, 1, 8, 2, 8])
