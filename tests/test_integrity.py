@@ -85,7 +85,7 @@ HOSTILE = {
                           "print(open(''.join(chr(c) for c in codes)).read())",
     "bytes-codes": "print(open(bytes([47, 101, 116, 99]).decode()).read())",
     "base64": "import base64\nprint(open(base64.b64decode('L2V0Yy9wYXNzd2Q=').decode()).read())",
-    "pathlib-join-absolute": "import os\nprint(open(os.path.join('notes', '/etc/passwd')).read())",
+    "os-path-join-absolute": "import os\nprint(open(os.path.join('notes', '/etc/passwd')).read())",
     # numpy and torch loading and saving
     "numpy-load": "w = np.load('../../weights.npy')",
     "numpy-save": "np.save('/tmp/w.npy', np.zeros(3))",
