@@ -41,6 +41,9 @@ class GPTConfig:
     fused: torch's fused kernels (scaled_dot_product_attention, layer_norm, gelu, linear,
         cross_entropy): the same math in fewer, faster kernels; False runs the naive path the
         book teaches.
+    attention: None runs attention on the path ``fused`` picks; "flash" runs it through
+        qkv.pt.flash_attention, the Triton kernel of chapter 15 (the other layers stay fused).
+        Generation with a KV cache keeps the ``fused`` path.
     """
 
     vocab_size: int
@@ -51,9 +54,18 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     fused: bool = True
+    attention: str | None = None
 
     def __post_init__(self):
         check_n_head("GPTConfig", self.d_model, self.n_head)
+        if self.attention not in (None, "flash"):
+            raise ValueError(f'GPTConfig: attention must be None or "flash"; '
+                             f"got {self.attention!r}")
+
+    @property
+    def kernels(self):
+        """The ``fused`` argument the blocks pass down: "flash" selects the Triton attention."""
+        return "flash" if self.attention == "flash" else self.fused
 
 
 class Linear(nn.Module):
@@ -92,7 +104,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None):  # (..., seq, d_model) -> (..., seq, d_model)
         return multi_head_attention(x, self.c_attn.weight, self.c_attn.bias, self.c_proj.weight,
                                     self.c_proj.bias, self.config.n_head, mask=mask, causal=True,
-                                    fused=self.config.fused)
+                                    fused=self.config.kernels)
 
 
 class MLP(nn.Module):
@@ -136,7 +148,7 @@ class Block(nn.Module):
 
     def forward(self, x, mask=None):  # (..., seq, d_model) -> (..., seq, d_model)
         return decoder_block(x, self.params(), self.config.n_head, mask=mask,
-                             fused=self.config.fused)
+                             fused=self.config.kernels)
 
 
 class GPT(nn.Module):
