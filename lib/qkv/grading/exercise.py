@@ -99,7 +99,8 @@ def run(ex: Exercise, fns: tuple, hidden: bool = False, backend: str = "auto") -
 
 def passed_line(ex: Exercise, count: int) -> str:
     """The one line a passing visible test prints (stdout: nbgrader scores stderr as a fail)."""
-    what = ex.passed or f"{ex.output.what} on all {count} visible inputs"
+    inputs = "the visible input" if count == 1 else f"all {count} visible inputs"
+    what = ex.passed or f"{ex.output.what} on {inputs}"
     return f"\u2713 {ex.name}: {what}. (The hidden tests try other inputs.)"
 
 
