@@ -44,7 +44,7 @@ from qkv.grading.values import VALUE_KINDS
 @dataclass
 class Declared:
     check: object  # the public checker, e.g. qkv.grading.check_softmax
-    mistakes: list = field(default_factory=list)  # [(learner fn or (fwd, bwd), phrase), ...]
+    mistakes: list = field(default_factory=list)  # [(fn or (fwd, bwd), phrase or [phrases])]
     alternatives: list = field(default_factory=list)  # [learner fn or (fwd, bwd), ...]
     reference: object = None  # learner-style reference, where the exercise's is not one
     backend: str = "auto"
@@ -228,7 +228,8 @@ def meta_tests(declared: list[Declared]) -> dict:
     def test_mistake_is_named(d, fn, phrase):
         message, _, err = run(d.check, fn, False, d.backend)
         assert message is not None, f"{d.id}: a wrong answer passed ({phrase!r})"
-        assert phrase in message, f"{d.id}: expected {phrase!r} in {message!r}"
+        for part in [phrase] if isinstance(phrase, str) else phrase:
+            assert part in message, f"{d.id}: expected {part!r} in {message!r}"
 
     @pytest.mark.parametrize("d, fn", alternatives,
                              ids=[f"{d.id}-{k}" for k, (d, _) in enumerate(alternatives)])
