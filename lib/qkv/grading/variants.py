@@ -39,6 +39,8 @@ def attention_variant(q, k, v, mask=None, *, divide_by=None, masking="-inf", gua
         weights = _t.ref_softmax(scores)
     else:
         weights = plain_softmax(scores, axis=axis, stable=stable)
+        if guard:  # one mistake at a time: fully masked rows stay zero
+            weights = np.where(np.isneginf(scores).all(axis=-1, keepdims=True), 0.0, weights)
     if mask is not None and masking == "after":
         weights = np.where(mask, weights, 0.0)
     if mask is not None and masking == "after -inf":
