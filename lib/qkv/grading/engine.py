@@ -43,6 +43,7 @@ class Case:
     args: tuple
     names: tuple
     note: str = ""  # said after a generic failure message on this input
+    on_error: str = ""  # said after an exception raised on this input (a shape hint, say)
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,9 @@ def _raised(name: str, exc: BaseException, case: Case, fn) -> str:
         return f"{name} tried to exit Python (SystemExit) when called with {_describe(case)}."
     message = f"{name} raised {kind}" + (f": {text}" if text else "")
     # The case's note is left out: it describes what a wrong *value* may mean on this input,
-    # and next to an exception it points the wrong way.
-    return f"{message} — when called with {_describe(case)}."
+    # and next to an exception it points the wrong way; ``on_error`` is written for exceptions.
+    return f"{message} — when called with {_describe(case)}." + (
+        f" {case.on_error}" if case.on_error else "")
 
 
 def _raising_function(exc: BaseException):
