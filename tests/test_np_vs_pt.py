@@ -123,9 +123,11 @@ def test_every_function_is_compared():
     compared = {c[0] for c in cases()}
     shared = set(qnp.__all__) & set(qpt.__all__)
     # The mask and the table take sizes, not arrays (tested by hand in test_hand_worked.py);
-    # generation and its filters are compared across backends in test_generate.py.
+    # generation and its filters are compared across backends in test_generate.py; qkv.pt's
+    # flash_attention (Triton) needs its interpreter's own process, so it is compared with
+    # qkv.np's in tests/_flash_interpreter_cases.py.
     assert shared - compared == {"causal_mask", "sinusoidal_positional_encoding",
-                                 "generate", "filter_top_k", "filter_top_p"}
+                                 "generate", "filter_top_k", "filter_top_p", "flash_attention"}
 
 
 @pytest.mark.parametrize("seq_q, seq_k", [(1, 1), (3, 3), (2, 5), (5, 2), (0, 3)])
