@@ -120,8 +120,6 @@ def init_params(vocab, context, n_layer, d_model, seed):
 
 
 CORRECT = [
-    (check_mlp, mlp),
-    (check_has_residuals, has_residuals),
     (check_gpt_forward, gpt_forward),
     (check_count_parameters, count_parameters),
     (check_next_token_probs, next_token_probs),

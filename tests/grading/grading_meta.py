@@ -36,6 +36,7 @@ import pytest
 
 from qkv.grading import _trusted as _t
 from qkv.grading.engine import _float64
+from qkv.grading.exercise import no_mistakes
 from qkv.grading.kinds import Array, Filter, Parts, Value
 from qkv.grading.several import _flatten, _strict_matches
 from qkv.grading.values import VALUE_KINDS
@@ -78,7 +79,7 @@ def run(check, fn, hidden=False, backend="auto"):
 
 def _catalogued(ex):
     return (isinstance(ex.output, (Array, Filter, Parts, Value)) and ex.reference is not None
-            and "numpy" in ex.backends)
+            and "numpy" in ex.backends and ex.mistakes is not no_mistakes)
 
 
 def _same_value(a, b) -> bool:
