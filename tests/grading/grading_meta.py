@@ -89,8 +89,9 @@ def _same_value(a, b) -> bool:
                                                                == "f")))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(
+            _same_value(x, y) for x, y in zip(a, b, strict=True))
     if type(a) is type(b) and hasattr(a, "__dict__") and not callable(getattr(a, "fn", None)):
         return vars(a).keys() == vars(b).keys() and all(
             _same_value(vars(a)[k], vars(b)[k]) for k in vars(a))

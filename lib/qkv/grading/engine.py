@@ -63,6 +63,7 @@ class Spec:
     mistakes: object  # callable(*args) -> iterable of Mistake
     out: str = "float"  # "float" | "bool" | "scalar" | "int_pair"
     tol32: str = "float32_op"  # TOL entry when the result or an input is float32
+    hint: str = ""  # said after a wrong value (the value kind)
 
 
 class Learner:
