@@ -36,6 +36,7 @@ import pytest
 
 from qkv.grading import _trusted as _t
 from qkv.grading.engine import _float64
+from qkv.grading.exercise import no_mistakes
 from qkv.grading.kinds import Array, Filter, Parts, Value
 from qkv.grading.several import _flatten, _strict_matches
 from qkv.grading.values import VALUE_KINDS
@@ -78,7 +79,7 @@ def run(check, fn, hidden=False, backend="auto"):
 
 def _catalogued(ex):
     return (isinstance(ex.output, (Array, Filter, Parts, Value)) and ex.reference is not None
-            and "numpy" in ex.backends)
+            and "numpy" in ex.backends and ex.mistakes is not no_mistakes)
 
 
 def _same_value(a, b) -> bool:
@@ -88,8 +89,9 @@ def _same_value(a, b) -> bool:
                                                                == "f")))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(
+            _same_value(x, y) for x, y in zip(a, b, strict=True))
     if type(a) is type(b) and hasattr(a, "__dict__") and not callable(getattr(a, "fn", None)):
         return vars(a).keys() == vars(b).keys() and all(
             _same_value(vars(a)[k], vars(b)[k]) for k in vars(a))
