@@ -25,6 +25,8 @@ BENCHMARKS = {  # name -> module; each module's run(args) returns a list of sect
     "training": "training",
     "grading": "grading",
     "book": "book",
+    "flash-cpu": "flash",  # chapter 15: qkv.np tiled / naive attention, time and memory
+    "flash-gpu": "flash_gpu",  # chapter 15: the Triton kernel / SDPA (needs CUDA)
 }
 
 

@@ -90,10 +90,12 @@ def _part(path: Path) -> str:
         return "grading"
     if rel in ("train.py", "generate.py", "data.py"):
         return "train"
+    if rel == "pt/flash.py":
+        return "flash"
     return "base"
 
 
-@pytest.mark.parametrize("part", ["base", "train", "grading"])
+@pytest.mark.parametrize("part", ["base", "train", "grading", "flash"])
 def test_each_part_declares_what_it_imports(part):
     provides = _closure([r.name for r in _declared("base")]
                         + ([r.name for r in _declared(part)] if part != "base" else []))

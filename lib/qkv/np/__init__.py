@@ -26,6 +26,13 @@ from .attention import (
 )
 from .block import decoder_block, decoder_block_backward, decoder_block_forward
 from .embedding import embed, embed_backward, embed_forward
+from .flash import (
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+    streaming_logsumexp,
+    streaming_softmax,
+)
 from .gelu import gelu, gelu_backward, gelu_forward
 from .generate import filter_top_k, filter_top_p, generate
 from .gradcheck import numerical_gradient, relative_error
@@ -56,6 +63,9 @@ __all__ = [
     "embed",
     "embed_backward",
     "embed_forward",
+    "flash_attention",
+    "flash_attention_backward",
+    "flash_attention_forward",
     "gelu",
     "gelu_backward",
     "gelu_forward",
@@ -87,5 +97,7 @@ __all__ = [
     "softmax_backward",
     "softmax_forward",
     "split_heads",
+    "streaming_logsumexp",
+    "streaming_softmax",
     "train_numpy",
 ]

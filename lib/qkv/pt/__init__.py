@@ -33,6 +33,7 @@ __all__ = [
     "embed",
     "filter_top_k",
     "filter_top_p",
+    "flash_attention",
     "gelu",
     "generate",
     "layer_norm",
@@ -45,3 +46,13 @@ __all__ = [
     "softmax",
     "split_heads",
 ]
+
+
+def __getattr__(name):
+    # flash_attention imports triton (seconds, and its interpreter without a GPU): load it on
+    # first use of qkv.pt.flash_attention, not on every import of qkv.pt.
+    if name == "flash_attention":
+        from .flash import flash_attention
+
+        return flash_attention
+    raise AttributeError(f"module 'qkv.pt' has no attribute {name!r}")

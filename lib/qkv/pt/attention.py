@@ -40,7 +40,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weight
     causal: if True, also AND in causal_mask(seq_q, seq_k) (aligned bottom-right).
     return_weights: also return the attention weights (naive path only: fused=True with
         return_weights=True raises ValueError, because the fused kernel never forms them).
-    fused: use torch.nn.functional.scaled_dot_product_attention.
+    fused: use torch.nn.functional.scaled_dot_product_attention; "flash": use
+        qkv.pt.flash_attention, the Triton kernel of chapter 15 (no mask, no weights).
     returns: out (..., seq_q, d_v), or (out, weights (..., seq_q, seq_k)) if return_weights.
 
     A query whose row is fully blocked attends to nothing: its weights and its output are
@@ -50,6 +51,13 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, return_weight
     check_attention(fn, q, k, v, mask)
     seq_q, d_head = q.shape[-2:]
     seq_k = k.shape[-2]
+    if fused == "flash":
+        if mask is not None or return_weights:
+            raise ValueError(f'{fn}: fused="flash" takes no mask and returns no weights; '
+                             f"use fused=True or False for those")
+        from .flash import flash_attention  # imports triton: only when asked for
+
+        return flash_attention(q, k, v, causal=causal)
     if fused:
         if return_weights:
             raise ValueError(f"{fn}: fused=True cannot return weights (the fused kernel never "

@@ -41,6 +41,9 @@ class GPTConfig:
     fused: torch's fused kernels (scaled_dot_product_attention, layer_norm, gelu, linear,
         cross_entropy): the same math in fewer, faster kernels; False runs the naive path the
         book teaches.
+    attention: None runs attention on the path ``fused`` picks; "flash" runs it through
+        qkv.pt.flash_attention, the Triton kernel of chapter 15 (the other layers stay fused).
+        Generation with a KV cache keeps the ``fused`` path.
     """
 
     vocab_size: int
@@ -51,9 +54,18 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     fused: bool = True
+    attention: str | None = None
 
     def __post_init__(self):
         check_n_head("GPTConfig", self.d_model, self.n_head)
+        if self.attention not in (None, "flash"):
+            raise ValueError(f'GPTConfig: attention must be None or "flash"; '
+                             f"got {self.attention!r}")
+
+    @property
+    def kernels(self):
+        """The ``fused`` argument the blocks pass down: "flash" selects the Triton attention."""
+        return "flash" if self.attention == "flash" else self.fused
 
 
 class Linear(nn.Module):
@@ -123,7 +135,12 @@ class Block(nn.Module):
         """x (..., seq, d_model) -> (..., seq, d_model); kv_cache: this block's entry of a
         KVCache (see decoder_block)."""
         return decoder_block(x, self.params(), self.config.n_head, mask=mask,
-                             fused=self.config.fused, kv_cache=kv_cache)
+                             fused=self._kernels(kv_cache), kv_cache=kv_cache)
+
+    def _kernels(self, kv_cache):
+        # cached decoding (seq_q < seq_k) keeps the fused path; the flash kernel serves a
+        # whole sequence at once
+        return self.config.fused if kv_cache is not None else self.config.kernels
 
 
 class GPT(nn.Module):
