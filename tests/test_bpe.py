@@ -384,3 +384,49 @@ def test_bad_input_to_encode_and_decode(tok, tmp_path):
         tok.decode([tok.vocab_size])
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         Tokenizer.load(tmp_path / "missing.json")
+
+
+# --- training a GPT on BPE tokens ----------------------------------------------------------------
+
+def test_train_cli_with_bpe_tokens_and_generate(tmp_path, capsys):
+    from qkv import generate as qgenerate
+    from qkv import train as qtrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL * 4, encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["--data", str(corpus), "--out-dir", str(out), "--tokenizer", "bpe",
+            "--vocab-size", "300", "--n-layer", "1", "--n-head", "2", "--d-model", "16",
+            "--context-length", "16", "--batch-size", "4", "--max-steps", "6",
+            "--eval-interval", "3", "--eval-iters", "1", "--sample-tokens", "20", "--quiet"]
+    assert qtrain.main(argv) == 0
+    text = corpus.read_text(encoding="utf-8")
+    n = int(len(text) * 0.9)
+    # the tokenizer was trained on the training split only (recomputed here), and cached
+    cached = Tokenizer.load(out / "tokenizer.json")
+    assert cached.merges == train_bpe(text[:n], 300).merges != train_bpe(text, 300).merges
+    model, tok, ckpt = qtrain.load_checkpoint(out / "ckpt.pt")
+    assert isinstance(tok, Tokenizer) and tok.merges == cached.merges
+    assert model.config.vocab_size == 300 and ckpt["config"]["tokenizer"] == "bpe"
+    capsys.readouterr()
+    prompt = "café 你好"
+    argv = ["--checkpoint", str(out / "ckpt.pt"), "--prompt", prompt, "--max-new-tokens", "30",
+            "--seed", "0", "--temperature", "0"]
+    assert qgenerate.main(argv) == 0
+    printed = capsys.readouterr().out
+    from qkv.pt import generate
+
+    ids = generate(model, tok.encode(prompt), 30, temperature=0.0, seed=0)
+    assert printed == tok.decode(ids.tolist()) + "\n"  # streamed pieces join to the decoding
+
+
+def test_train_rejects_an_unknown_tokenizer_and_a_tiny_vocab(tmp_path, capsys):
+    from qkv import train as qtrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL * 4, encoding="utf-8")
+    base = ["--data", str(corpus), "--out-dir", str(tmp_path / "o"), "--quiet"]
+    assert qtrain.main(base + ["--tokenizer", "words"]) == 2
+    assert "unknown tokenizer 'words'; expected char or bpe" in capsys.readouterr().err
+    assert qtrain.main(base + ["--tokenizer", "bpe", "--vocab-size", "100"]) == 2
+    assert "vocab_size must be an int >= 256" in capsys.readouterr().err
