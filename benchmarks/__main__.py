@@ -25,6 +25,7 @@ BENCHMARKS = {  # name -> module; each module's run(args) returns a list of sect
     "training": "training",
     "grading": "grading",
     "book": "book",
+    "bpe": "bpe",
 }
 
 

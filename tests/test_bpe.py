@@ -430,3 +430,19 @@ def test_train_rejects_an_unknown_tokenizer_and_a_tiny_vocab(tmp_path, capsys):
     assert "unknown tokenizer 'words'; expected char or bpe" in capsys.readouterr().err
     assert qtrain.main(base + ["--tokenizer", "bpe", "--vocab-size", "100"]) == 2
     assert "vocab_size must be an int >= 256" in capsys.readouterr().err
+
+
+def test_with_merges_is_training_to_a_smaller_vocab():
+    text = SMALL * 2
+    big = train_bpe(text, 256 + 60 + 1, special_tokens=[EOT])
+    small = train_bpe(text, 256 + 25 + 1, special_tokens=[EOT])
+    cut = big.with_merges(25)
+    assert cut.merges == small.merges
+    assert cut.encode(HELD_OUT, specials=False) == tiktoken_encoding(small).encode(
+        HELD_OUT, disallowed_special=())
+
+
+def test_count_pairs_by_hand():
+    from qkv.bpe import count_pairs
+
+    assert count_pairs([[1, 1, 1], [1, 2]], weights=[2, 5]) == {(1, 1): 4, (1, 2): 5}

@@ -12,11 +12,10 @@ Checked token for token against tiktoken and Hugging Face ``tokenizers`` (tests/
 import math
 
 from .tokenizer import GPT2_PATTERN, Tokenizer, merge_pair, split_specials
-from .training import count_chunks, train_bpe, train_or_load
+from .training import count_chunks, count_pairs, train_bpe, train_or_load
 
-__all__ = ["GPT2_PATTERN", "Tokenizer", "bits_per_byte", "count_chunks", "merge_pair",
-           "split_specials",
-           "train_bpe", "train_or_load"]
+__all__ = ["GPT2_PATTERN", "Tokenizer", "bits_per_byte", "count_chunks", "count_pairs",
+           "merge_pair", "split_specials", "train_bpe", "train_or_load"]
 
 
 def bits_per_byte(loss: float, n_tokens: int, n_bytes: int) -> float:

@@ -148,6 +148,15 @@ class Tokenizer:
         return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={self.special_tokens})")
 
+    def with_merges(self, n: int) -> Tokenizer:
+        """The tokenizer of the first ``n`` merges only (special tokens kept). Training is
+        greedy, so for a trained tokenizer this is what training to 256 + n tokens gives."""
+        merges = self.merges[:n]
+        keep = {bytes([x]) for x in range(256)} | {a + b for a, b in merges}
+        keep |= {s.encode("utf-8") for s in self.special_tokens}
+        vocab = {i: b for i, b in self.vocab.items() if b in keep}
+        return Tokenizer(vocab, merges, self.special_tokens, self.pattern)
+
     # encoding ---------------------------------------------------------------------------------
 
     def encode_chunk(self, chunk: str) -> list[int]:

@@ -44,6 +44,19 @@ def count_chunks(text: str, special_tokens=(), pattern: str = GPT2_PATTERN) -> C
     return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
 
 
+def count_pairs(chunks, weights=None) -> Counter:
+    """Counter of adjacent pairs over ``chunks`` (lists of ids), each chunk counted
+    ``weights[k]`` times (default once). Every adjacent position counts: "aaa" holds (a, a)
+    twice, as in Sennrich et al.'s and Hugging Face's trainers, although merging it makes one
+    "aa"."""
+    counts = Counter()
+    for k, ids in enumerate(chunks):
+        n = 1 if weights is None else weights[k]
+        for pair in pairwise(ids):
+            counts[pair] += n
+    return counts
+
+
 def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern: str = GPT2_PATTERN, *,
               progress: bool | None = False) -> Tokenizer:
     """Learn vocab_size - 256 - len(special_tokens) merges from ``text``.
@@ -63,10 +76,9 @@ def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern: str = GPT2
     chunk_counts = count_chunks(text, specials, pattern)
     words = [list(chunk) for chunk in chunk_counts]  # each chunk as ids, bytes to begin with
     freq = list(chunk_counts.values())
-    counts, where = Counter(), {}
+    counts, where = count_pairs(words, freq), {}
     for w, ids in enumerate(words):
         for pair in pairwise(ids):
-            counts[pair] += freq[w]
             where.setdefault(pair, set()).add(w)
     heap = [(-c, pair) for pair, c in counts.items()]
     heapq.heapify(heap)
