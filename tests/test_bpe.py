@@ -13,6 +13,7 @@ import regex
 
 from qkv.bpe import GPT2_PATTERN, Tokenizer, bits_per_byte, count_chunks, train_bpe, train_or_load
 from qkv.data import SHARED_COPY
+from qkv.tolerances import TOL
 
 EOT = "<|endoftext|>"
 # A small corpus written for these tests: English with contractions, numbers, odd spacing,
@@ -358,7 +359,7 @@ def test_train_or_load_caches(tmp_path):
 
 def test_bits_per_byte():
     # 4 tokens of 2 bytes at ln 2 nats each: 1 bit per token, 0.5 bit per byte
-    assert bits_per_byte(0.6931471805599453, 4, 8) == pytest.approx(0.5, rel=1e-15)
+    assert bits_per_byte(0.6931471805599453, 4, 8) == pytest.approx(0.5, rel=TOL["float64"]["rtol"])
 
 
 @pytest.mark.parametrize("call, message", [
@@ -446,3 +447,54 @@ def test_count_pairs_by_hand():
     from qkv.bpe import count_pairs
 
     assert count_pairs([[1, 1, 1], [1, 2]], weights=[2, 5]) == {(1, 1): 4, (1, 2): 5}
+
+
+# --- the scripts behind the chapter's numbers ----------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_bpe_rows_quick():
+    import sys
+    from types import SimpleNamespace
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # benchmarks/ is a folder of the repository, not a package
+        sys.path.insert(0, root)
+    if not SHARED_COPY.is_file():
+        pytest.skip("the bench trains on tiny Shakespeare")
+    from benchmarks import bpe as bench
+
+    (section,) = bench.run(SimpleNamespace(quick=True))
+    train, enc = section["rows"]
+    assert train["status"] == "ok" and train["qkv_s"] > 0 and train["other_s"] > 0
+    assert enc["status"] == "ok"  # qkv's ids equal tiktoken's on the held-out text
+
+
+def test_exact_bits_per_byte_equals_a_direct_sum():
+    import math
+    import sys
+
+    import torch
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.bpe_vs_char import exact_bits_per_byte
+
+    from qkv.pt import GPT, GPTConfig
+
+    tok = train_bpe(SMALL, 300)
+    ids = torch.tensor(tok.encode(SMALL * 2))
+    model = GPT(GPTConfig(vocab_size=300, context_length=8, n_layer=1, n_head=2, d_model=16),
+                generator=torch.Generator().manual_seed(0))
+    got = exact_bits_per_byte(model, tok, ids, context=8, batch=3)
+    # direct: every window's targets, one by one, with torch's own cross-entropy
+    nats, n_bytes = 0.0, 0
+    for start in range(0, len(ids) - 9, 8):
+        x, y = ids[start:start + 8], ids[start + 1:start + 9]
+        with torch.no_grad():
+            logits = model(x[None])[0]
+        nats += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        n_bytes += len(tok.decode_bytes(y.tolist()))
+    assert got["val_bytes"] == n_bytes
+    want = nats / n_bytes / math.log(2)
+    assert got["bits_per_byte"] == pytest.approx(want, rel=TOL["float32_model"]["rtol"])
