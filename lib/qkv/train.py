@@ -1,4 +1,5 @@
-"""Train a character-level GPT: ``python -m qkv.train --preset cpu-small``.
+"""Train a character-level GPT: ``python -m qkv.train --preset cpu-small``
+(``--tokenizer bpe --vocab-size N``: on byte-level BPE tokens instead, chapter 13).
 
 The loop, nanoGPT-style, in one file:
 
@@ -443,8 +444,9 @@ def plot_losses(history: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qkv.train",
-        description="Train a character-level GPT on a text file. A preset sets every "
-                    "hyperparameter; any flag below overrides the preset's value.",
+        description="Train a character-level GPT on a text file (or a BPE-level one, with "
+                    "--tokenizer bpe). A preset sets every hyperparameter; any flag below "
+                    "overrides the preset's value.",
         epilog="presets: " + "; ".join(
             f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
             for name, values in PRESETS.items()))
