@@ -262,3 +262,27 @@ def test_encode_uses_the_learners_merge_once_written():
 
     message, _, _ = run(check_bpe_encode, encode_with_unwritten_merge)
     assert "it calls merge, which raised NotImplementedError" in message
+
+
+def test_the_encode_reference_is_qkv_bpe():
+    """The checker's reference (built from captured functions) equals qkv.bpe.Tokenizer."""
+    import qkv.grading.exercises.ch13_bpe as ch13
+    from qkv.bpe import Tokenizer
+
+    for case in ch13.ENCODE.visible() + ch13.ENCODE.hidden():
+        text, merges = case.args
+        vocab = {i: bytes([i]) for i in range(256)}
+        for r, (a, b) in enumerate(merges):
+            vocab[256 + r] = vocab[a] + vocab[b]
+        tok = Tokenizer(vocab, [(vocab[a], vocab[b]) for a, b in merges])
+        assert ch13.ENCODE.reference(text, merges) == tok.encode(text)
+
+
+def test_counts_may_be_numpy_integers_but_not_bools():
+    import numpy as np
+
+    message, _, _ = run(check_bpe_count_pairs,
+                        lambda c: {p: np.int64(n) for p, n in count_pairs(c).items()})
+    assert message is None
+    message, _, _ = run(check_bpe_count_pairs, lambda c: {p: True for p in count_pairs(c)})
+    assert "counts are ints" in message

@@ -8,9 +8,10 @@ and the vocabulary is a list of bytes (vocab[i] is token i's bytes). The referen
 
 from itertools import pairwise
 
+import numpy as np
 import regex
 
-from qkv.bpe import GPT2_PATTERN, Tokenizer
+from qkv.bpe import GPT2_PATTERN, train_bpe
 from qkv.bpe import count_pairs as _lib_count_pairs
 from qkv.bpe import merge_pair as _lib_merge_pair
 
@@ -93,11 +94,11 @@ def _read_counts(name: str, out, case: Case) -> dict:
                 or not all(_t.type_(k) is int for k in key)):
             raise AssertionError(f"{name} returned a dict with the key {key!r}; each key should "
                                  f"be a pair of token ids, a tuple like (1, 2).")
-        if _t.type_(value) is not int:
+        if not (_t.type_(value) is int or _t.isinstance_(value, np.integer)):
             raise AssertionError(f"{name} returned the count {value!r} for the pair {key}; "
                                  f"counts are ints.")
         if value:  # a zero count says nothing
-            counts[key] = value
+            counts[key] = int(value)
     return counts
 
 
@@ -217,17 +218,6 @@ MERGE = Exercise(
 # --- (c) encode by rank -------------------------------------------------------------------------
 
 
-def _tokenizer_of(merges) -> Tokenizer:
-    vocab = {i: bytes([i]) for i in range(256)}
-    for r, (a, b) in enumerate(merges):
-        vocab[256 + r] = vocab[a] + vocab[b]
-    return Tokenizer(vocab, [(vocab[a], vocab[b]) for a, b in merges])
-
-
-def _ref_encode(text, merges):
-    return _tokenizer_of(merges).encode(text, specials=False)
-
-
 def _encode_variant(text, merges, *, chunks=True, pick="lowest", units="bytes"):
     ranks = {tuple(p): r for r, p in enumerate(merges)}
     pieces = _PATTERN.findall(text) if chunks else [text]
@@ -247,6 +237,22 @@ def _encode_variant(text, merges, *, chunks=True, pick="lowest", units="bytes"):
             ids = _lib_merge_pair(ids, pair, 256 + ranks[pair])
         out += ids
     return out
+
+
+def _ref_encode(text, merges):
+    """qkv.bpe's encoding, from functions captured at import (a learner may rebind methods of
+    qkv.bpe.Tokenizer; tests/grading/test_ch13_bpe.py checks this equals Tokenizer.encode)."""
+    return _encode_variant(text, merges)
+
+
+def _trained_merges() -> list:
+    corpus = ("It's the cat's hat, isn't it? We'll see: 12 cats and 345 hats. Le café est "
+              "très bon. 東京 is Tokyo. 🙂🙂 aaaa aaa bandana banana ") * 2
+    tok = train_bpe(corpus, 256 + 40)
+    return [(tok.ids[x], tok.ids[y]) for x, y in tok.merges]
+
+
+_HIDDEN_MERGES = _trained_merges()  # learned once, at import, before any learner code runs
 
 
 def _encode_mistakes(text, merges):
@@ -283,12 +289,7 @@ def _encode_cases(hidden: bool):
                      "different chunks."),
                 Case(("café au lait", [(195, 169), (ord("f"), 256), (ord("a"), ord("u"))]),
                      names, "'é' is two bytes, 195 and 169, which the first merge joins.")]
-    from qkv.bpe import train_bpe
-
-    corpus = ("It's the cat's hat, isn't it? We'll see: 12 cats and 345 hats. Le café est "
-              "très bon. 東京 is Tokyo. 🙂🙂 aaaa aaa bandana banana ") * 2
-    tok = train_bpe(corpus, 256 + 40)
-    merges = [(tok.ids[x], tok.ids[y]) for x, y in tok.merges]
+    merges = list(_HIDDEN_MERGES)
     return [Case(("Is that the cat's café? 東京, 12 hats 🙂", merges), names,
                  "40 merges learned from a small text, on new text."),
             Case(("", merges), names, "An empty text has no tokens."),
