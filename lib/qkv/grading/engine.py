@@ -450,6 +450,8 @@ def _describe(case: Case) -> str:
             parts.append(f"{name} (a dict of weights)")
         else:
             parts.append(f"{name} = {value!r}")
+    if not parts:
+        return "no arguments"
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
