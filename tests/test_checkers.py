@@ -767,4 +767,6 @@ def test_notebook_points():
         ("generation", "temperature-tests"): 1, ("generation", "top-k-tests"): 2,
         ("generation", "top-p-tests"): 2, ("generation", "greedy-tests"): 2,
         ("generation", "kv-tests"): 3,
+        ("bpe", "count-tests"): 2, ("bpe", "merge-tests"): 2, ("bpe", "encode-tests"): 3,
+        ("bpe", "decode-tests"): 2,
     }

@@ -333,17 +333,27 @@ def _decode_mistakes(ids, vocab):
         lambda i, v: b"".join(v[k] for k in i).decode("latin-1"))
 
 
-def _vocab_with(merges) -> list:
+class _Vocab(list):
+    """The vocabulary handed to decode: a plain list of bytes that messages show briefly."""
+
+    def __repr__(self):
+        return f"[the 256 bytes, then {', '.join(repr(b) for b in self[256:])}]"
+
+
+def _vocab_with(merges) -> tuple:
     vocab = [bytes([i]) for i in range(256)]
     for a, b in merges:
         vocab.append(vocab[a] + vocab[b])
-    return vocab
+    return tuple(vocab)
+
+
+# 256 = "ca", 257 = "f" + the first byte of "é"; the same bytes objects in every case
+_VOCAB = _vocab_with([(ord("c"), ord("a")), (ord("f"), 195)])
 
 
 def _decode_cases(hidden: bool):
     names = ("ids", "vocab")
-    c, a, f = ord("c"), ord("a"), ord("f")
-    vocab = _vocab_with([(c, a), (f, 195)])  # 256 = "ca", 257 = "f" + the first byte of "é"
+    vocab = _Vocab(_VOCAB)  # a fresh list per call: a learner's changes do not carry over
     if not hidden:
         return [Case(([256, 257, 169, 32, 33], vocab), names,
                      "Token 257 ends with the first byte of 'é' and token 169 is its second."),
