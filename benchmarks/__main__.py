@@ -27,6 +27,7 @@ BENCHMARKS = {  # name -> module; each module's run(args) returns a list of sect
     "book": "book",
     "flash-cpu": "flash",  # chapter 15: qkv.np tiled / naive attention, time and memory
     "flash-gpu": "flash_gpu",  # chapter 15: the Triton kernel / SDPA (needs CUDA)
+    "bpe": "bpe",
 }
 
 

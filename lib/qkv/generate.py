@@ -53,8 +53,11 @@ def main(argv=None) -> int:
                         top_k=args.top_k, top_p=args.top_p, eos_id=tok.eot_id, seed=args.seed,
                         use_cache=not args.no_cache)
         print(args.prompt, end="", flush=True)
-        for token in tokens:
-            print(tok.decode([token]), end="", flush=True)
+        # bpe: a character's bytes can span tokens, so decode as a stream, not token by token
+        pieces = (tok.stream_decode(tokens) if hasattr(tok, "stream_decode")
+                  else (tok.decode([token]) for token in tokens))
+        for piece in pieces:
+            print(piece, end="", flush=True)
         print()
     except (ConfigError, ValueError) as e:  # bad flags or a prompt outside the vocabulary
         print(f"python -m qkv.generate: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Train a character-level GPT: ``python -m qkv.train --preset cpu-small``.
+"""Train a character-level GPT: ``python -m qkv.train --preset cpu-small``
+(``--tokenizer bpe --vocab-size N``: on byte-level BPE tokens instead, chapter 13).
 
 The loop, nanoGPT-style, in one file:
 
@@ -56,6 +57,9 @@ class TrainConfig:
     d_model: int = _f("residual stream width", 128)
     context_length: int = _f("tokens the model sees at once (and the length of each "
                              "training window)", 64)
+    tokenizer: str = _f("char (one token per character) or bpe (byte-level BPE trained on "
+                        "the training split, cached as OUT_DIR/tokenizer.json)", "char")
+    vocab_size: int = _f("bpe only: 256 bytes + merges", 512)
     dropout: float = _f("dropout on the input embeddings while training", 0.0)
     bias: bool = _f("biases in linear layers and layer norms", True)
     # optimisation
@@ -185,9 +189,23 @@ def load_corpus(cfg: TrainConfig):
         text = load_text(path)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    tok = CharTokenizer.from_text(text)
-    ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    train_ids, val_ids = split(ids)
+    if cfg.tokenizer == "bpe":  # trained on the training text only: val stays unseen
+        from qkv.bpe import train_or_load
+
+        n = int(len(text) * 0.9)  # the same cut as split() makes in characters
+        try:
+            tok = train_or_load(text[:n], cfg.vocab_size, tokenizer_path(cfg), progress=None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        train_ids, val_ids = (torch.tensor(tok.encode(t), dtype=torch.long)
+                              for t in (text[:n], text[n:]))
+        ids = torch.cat([train_ids, val_ids])
+    elif cfg.tokenizer == "char":
+        tok = CharTokenizer.from_text(text)
+        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+        train_ids, val_ids = split(ids)
+    else:
+        raise ConfigError(f"unknown tokenizer {cfg.tokenizer!r}; expected char or bpe")
     need = cfg.context_length + 1
     shortest = min(len(train_ids), len(val_ids))
     if shortest < need:
@@ -197,6 +215,19 @@ def load_corpus(cfg: TrainConfig):
                           f"context_length + 1 = {need}; use a longer text or a smaller "
                           f"--context-length")
     return tok, train_ids, val_ids, path
+
+
+def tokenizer_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir or "out") / "tokenizer.json"
+
+
+def tokenizer_from_state(state: dict):
+    """The tokenizer saved in a checkpoint: a CharTokenizer or a qkv.bpe.Tokenizer."""
+    if state.get("format") == "qkv-bpe":
+        from qkv.bpe import Tokenizer
+
+        return Tokenizer.from_state_dict(state)
+    return CharTokenizer.from_state_dict(state)
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
@@ -219,7 +250,7 @@ def load_checkpoint(path, device="cpu"):
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_config"]), generator=torch.Generator()).to(device)
     model.load_state_dict(ckpt["model"])
-    return model, CharTokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+    return model, tokenizer_from_state(ckpt["tokenizer"]), ckpt
 
 
 # Fields a resumed run may change; anything else would make it a different run.
@@ -345,7 +376,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
             f"continue with --resume")
         return result
     if cfg.sample_tokens > 0:
-        start = tok.encode("\n") if "\n" in tok.stoi else train_ids[:1].tolist()
+        start = (tok.encode("\n") if "\n" in getattr(tok, "stoi", "\n")  # bpe: any text
+                 else train_ids[:1].tolist())
         ids = generate(model, start, cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
         result["sample"] = tok.decode(ids.tolist())
         (out_dir / "sample.txt").write_text(result["sample"], encoding="utf-8")
@@ -412,8 +444,9 @@ def plot_losses(history: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qkv.train",
-        description="Train a character-level GPT on a text file. A preset sets every "
-                    "hyperparameter; any flag below overrides the preset's value.",
+        description="Train a character-level GPT on a text file (or a BPE-level one, with "
+                    "--tokenizer bpe). A preset sets every hyperparameter; any flag below "
+                    "overrides the preset's value.",
         epilog="presets: " + "; ".join(
             f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
             for name, values in PRESETS.items()))
