@@ -243,7 +243,10 @@ DECLARED = [
                   (_step_inverted, "exp(m_new - m)"),
                   (_step_unguarded, "seen only -inf"),
                   (lambda m, l, s: online_step(m, l, s)[1], "should return 2 things"),
-                  (lambda m, l, s: online_step(m, l, s)[::-1], "the wrong way round")],
+                  (lambda m, l, s: online_step(m, l, s)[::-1], "the wrong way round"),
+                  (lambda m, l, s: (np.maximum(m, s.max(-1)),
+                                    np.exp(s - np.maximum(m, s.max(-1))[..., None]).sum(-1)),
+                   "drops the old sum")],
         alternatives=[online_step, online_step_loops, online_step_logaddexp],
     ),
     Declared(

@@ -39,7 +39,8 @@ def _reference_step(m, l, s):
 def _step(m, l, s, *, rescale="right", new_max="right", terms="new", guard=True):
     m_new = np.maximum(m, s.max(axis=-1)) if new_max == "right" else s.max(axis=-1)
     shift = _safe(m_new) if guard else m_new
-    alpha = {"right": np.exp(m - shift), "none": 1.0, "inverted": np.exp(shift - m)}[rescale]
+    alpha = {"right": np.exp(m - shift), "none": 1.0, "inverted": np.exp(shift - m),
+             "dropped": 0.0}[rescale]
     against = shift if terms == "new" else (_safe(m) if guard else m)
     return m_new, alpha * l + np.exp(s - against[..., None]).sum(axis=-1)
 
@@ -63,6 +64,10 @@ def _step_mistakes(m, l, s):
         "(-inf) - (-inf) is nan. Subtract 0 instead of m_new on such rows (np.where); they keep "
         "m = -inf and l = 0.",
         lambda m, l, s: _step(m, l, s, guard=False))
+    yield Mistake(
+        "{name} drops the old sum: l_new is the old l rescaled, exp(m - m_new) * l, plus the "
+        "block's terms, not the block's terms alone.",
+        lambda m, l, s: _step(m, l, s, rescale="dropped"))
     yield Mistake(
         "{name} returns the pair the wrong way round: return (m_new, l_new), the max first.",
         lambda m, l, s: _step(m, l, s)[::-1])
