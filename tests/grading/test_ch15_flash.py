@@ -110,6 +110,30 @@ def _streaming_no_rescale(x, block):
     return np.exp(x - m[..., None]) / l[..., None]
 
 
+def _streaming_kept_exps(x, block):
+    """Keeps the first pass's exps (against the max so far), divides them by the final sum."""
+    m = np.full(x.shape[:-1], -np.inf)
+    l = np.zeros(x.shape[:-1])
+    parts = []
+    for start in range(0, x.shape[-1], block):
+        m, l = online_step(m, l, x[..., start:start + block])
+        parts.append(np.exp(x[..., start:start + block] - np.where(np.isneginf(m), 0, m)[..., None]))
+    return np.concatenate(parts, axis=-1) / np.where(l == 0, 1.0, l)[..., None]
+
+
+def _streaming_unguarded(x, block):
+    m = np.full(x.shape[:-1], -np.inf)
+    l = np.zeros(x.shape[:-1])
+    for start in range(0, x.shape[-1], block):
+        m, l = online_step(m, l, x[..., start:start + block])
+    return np.exp(x - m[..., None]) / l[..., None]
+
+
+def _softmax_no_max(x, block):
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def _softmax_each_block(x, block):
     parts = []
     for start in range(0, x.shape[-1], block):
@@ -122,7 +146,8 @@ def _softmax_each_block(x, block):
 
 
 def flash_attention(q, k, v, causal, block_q, block_k, *, rescale_l=True, rescale_acc=True,
-                    divide_once=True, stop=0, mask=True):
+                    divide_once=True, stop=0, mask=True, local=False, diagonal=False,
+                    keep_max=True, use_max=True):
     """A learner's tiled forward; the keywords switch on one mistake each."""
     seq, d = q.shape[-2:]
     out = np.zeros(np.broadcast_shapes(q.shape, v.shape))
@@ -137,17 +162,37 @@ def flash_attention(q, k, v, causal, block_q, block_k, *, rescale_l=True, rescal
             ke = min(ks + block_k, seq)
             s = scores_q @ np.swapaxes(k[..., ks:ke, :], -1, -2)
             if causal and mask:
-                allowed = np.arange(ks, ke)[None, :] <= np.arange(qs, qe)[:, None]
+                rows, cols = (np.arange(qe - qs), np.arange(ke - ks)) if local else (
+                    np.arange(qs, qe), np.arange(ks, ke))
+                allowed = (cols[None, :] < rows[:, None] if diagonal
+                           else cols[None, :] <= rows[:, None])
                 s = np.where(allowed, s, -np.inf)
-            m_new = np.maximum(m, s.max(-1))
+            m_new = np.maximum(m, s.max(-1)) if use_max else np.zeros_like(m)
             alpha = np.exp(m - m_new)  # every row here sees key 0, so m_new is finite
             p = np.exp(s - m_new[..., None])
             l = (alpha if rescale_l else 1.0) * l + p.sum(-1)
             if rescale_acc:
                 acc = acc * alpha[..., None]
             acc = acc + (p @ v[..., ks:ke, :]) / (1.0 if divide_once else l[..., None])
-            m = m_new
+            if keep_max:
+                m = m_new
         out[..., qs:qe, :] = acc / l[..., None] if divide_once else acc
+    return out
+
+
+def _flash_softmax_per_tile(q, k, v, causal, block_q, block_k):
+    """Each tile of keys gets its own softmax; the tiles' outputs are added."""
+    seq, d = q.shape[-2:]
+    out = np.zeros(np.broadcast_shapes(q.shape, v.shape))
+    for qs in range(0, seq, block_q):
+        qe = min(qs + block_q, seq)
+        for ks in range(0, qe if causal else seq, block_k):
+            ke = min(ks + block_k, seq)
+            s = q[..., qs:qe, :] @ np.swapaxes(k[..., ks:ke, :], -1, -2) / np.sqrt(d)
+            if causal:
+                s = np.where(np.arange(ks, ke)[None, :] <= np.arange(qs, qe)[:, None], s, -np.inf)
+            e = np.exp(s - s.max(-1, keepdims=True))
+            out[..., qs:qe, :] += e / e.sum(-1, keepdims=True) @ v[..., ks:ke, :]
     return out
 
 
@@ -197,14 +242,21 @@ DECLARED = [
         mistakes=[(_step_no_rescale, "does not rescale the running sum"),
                   (_step_inverted, "exp(m_new - m)"),
                   (_step_unguarded, "seen only -inf"),
-                  (lambda m, l, s: online_step(m, l, s)[1], "should return 2 things")],
+                  (lambda m, l, s: online_step(m, l, s)[1], "should return 2 things"),
+                  (lambda m, l, s: online_step(m, l, s)[::-1], "the wrong way round"),
+                  (lambda m, l, s: (np.maximum(m, s.max(-1)),
+                                    np.exp(s - np.maximum(m, s.max(-1))[..., None]).sum(-1)),
+                   "drops the old sum")],
         alternatives=[online_step, online_step_loops, online_step_logaddexp],
     ),
     Declared(
         check_streaming_softmax,
         mistakes=[(_streaming_one_pass, "divides each block by the running sum"),
                   (_streaming_no_rescale, "does not rescale the running sum"),
-                  (_softmax_each_block, "separate softmax of each block")],
+                  (_softmax_each_block, "separate softmax of each block"),
+                  (_streaming_kept_exps, "keeps each block's exp(x - m) from the first pass"),
+                  (_streaming_unguarded, "a row that is all -inf"),
+                  (_softmax_no_max, "exp of the raw scores")],
         alternatives=[streaming_softmax, streaming_softmax_rows],
     ),
     Declared(
@@ -216,6 +268,11 @@ DECLARED = [
             (lambda *a: flash_attention(*a, divide_once=False), "divides by the running sum"),
             (lambda *a: flash_attention(*a, stop=-1), "stops one key too early"),
             (lambda *a: flash_attention(*a, mask=False), "does not mask inside"),
+            (lambda *a: flash_attention(*a, local=True), "positions inside the tile"),
+            (lambda *a: flash_attention(*a, diagonal=True), "blocks the diagonal too"),
+            (lambda *a: flash_attention(*a, keep_max=False), "does not keep the new max"),
+            (lambda *a: flash_attention(*a, use_max=False), "exp of the raw scores"),
+            (_flash_softmax_per_tile, "separate softmax of each tile of keys"),
         ],
         alternatives=[flash_attention, flash_attention_einsum, attention_whole],
     ),
@@ -239,3 +296,17 @@ def test_hand_worked_step():
 def test_off_by_one_is_caught_on_the_visible_case():
     message, _, _ = run(check_flash_attention, lambda *a: flash_attention(*a, stop=-1))
     assert message is not None and "one key too early" in message, message
+
+
+def test_every_catalogued_mistake_shows_on_a_visible_case():
+    """A catalogued mistake that matches the reference on every visible case (or cannot run on
+    any of them) could never be named to a learner running the visible tests."""
+    from grading_meta import _key, _wrong_on_visible
+
+    for check in (check_online_step, check_streaming_softmax, check_flash_attention):
+        ex = check.exercise
+        _, found = _wrong_on_visible(ex)
+        shown = {_key(mistake.says) for _, mistake, _ in found}
+        listed = {_key(mistake.says) for case in ex.visible()
+                  for mistake in ex.mistakes(*case.args)}
+        assert listed == shown, f"{ex.name}: never shown on a visible case: {listed - shown}"

@@ -39,7 +39,8 @@ def _reference_step(m, l, s):
 def _step(m, l, s, *, rescale="right", new_max="right", terms="new", guard=True):
     m_new = np.maximum(m, s.max(axis=-1)) if new_max == "right" else s.max(axis=-1)
     shift = _safe(m_new) if guard else m_new
-    alpha = {"right": np.exp(m - shift), "none": 1.0, "inverted": np.exp(shift - m)}[rescale]
+    alpha = {"right": np.exp(m - shift), "none": 1.0, "inverted": np.exp(shift - m),
+             "dropped": 0.0}[rescale]
     against = shift if terms == "new" else (_safe(m) if guard else m)
     return m_new, alpha * l + np.exp(s - against[..., None]).sum(axis=-1)
 
@@ -63,6 +64,13 @@ def _step_mistakes(m, l, s):
         "(-inf) - (-inf) is nan. Subtract 0 instead of m_new on such rows (np.where); they keep "
         "m = -inf and l = 0.",
         lambda m, l, s: _step(m, l, s, guard=False))
+    yield Mistake(
+        "{name} drops the old sum: l_new is the old l rescaled, exp(m - m_new) * l, plus the "
+        "block's terms, not the block's terms alone.",
+        lambda m, l, s: _step(m, l, s, rescale="dropped"))
+    yield Mistake(
+        "{name} returns the pair the wrong way round: return (m_new, l_new), the max first.",
+        lambda m, l, s: _step(m, l, s)[::-1])
 
 
 def _step_cases(hidden: bool):
@@ -113,7 +121,7 @@ ONLINE_STEP = Exercise(
 # --- (b) the softmax streamed over blocks ---------------------------------------------------------
 
 
-def _streamed(x, block, *, rescale=True, divide="once", local_max=False):
+def _streamed(x, block, *, rescale=True, divide="once", local_max=False, guard=True):
     n = x.shape[-1]
     m = np.full(x.shape[:-1], -np.inf)
     l = np.zeros(x.shape[:-1])
@@ -124,17 +132,28 @@ def _streamed(x, block, *, rescale=True, divide="once", local_max=False):
         alpha = np.exp(m - _safe(m_new)) if rescale else 1.0
         l = alpha * l + np.exp(s - _safe(m_new)[..., None]).sum(axis=-1)
         m = m_new
-        if divide == "per block":  # one pass: divide by the sum so far
-            out[..., start:start + block] = (np.exp(s - _safe(m)[..., None])
-                                             / np.where(l > 0, l, 1.0)[..., None])
+        if divide in ("per block", "kept"):  # first pass: exp against the max so far
+            out[..., start:start + block] = np.exp(s - _safe(m)[..., None])
+            if divide == "per block":  # one pass: divided by the sum so far
+                out[..., start:start + block] /= np.where(l > 0, l, 1.0)[..., None]
     if divide == "per block":
         return out
+    if divide == "kept":  # the first pass's exps, divided by the final sum
+        return out / np.where(l > 0, l, 1.0)[..., None]
     for start in range(0, n, block):
         s = x[..., start:start + block]
-        shift = s.max(axis=-1, keepdims=True) if local_max else _safe(m)[..., None]
-        out[..., start:start + block] = np.exp(s - _safe(shift)) / np.where(l > 0, l, 1.0)[
-            ..., None]
+        shift = s.max(axis=-1, keepdims=True) if local_max else m[..., None]
+        if guard:
+            out[..., start:start + block] = (np.exp(s - _safe(shift))
+                                             / np.where(l > 0, l, 1.0)[..., None])
+        else:
+            out[..., start:start + block] = np.exp(s - shift) / l[..., None]
     return out
+
+
+def _softmax_unshifted(x, block):
+    e = np.exp(x)  # overflows to inf once a score passes ~709
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _softmax_per_block(x, block):
@@ -157,9 +176,31 @@ def _streaming_mistakes(x, block):
         "row's final max m, the one the sum l was measured against: exp(x - m) / l.",
         lambda x, block: _streamed(x, block, local_max=True))
     yield Mistake(
+        "{name} keeps each block's exp(x - m) from the first pass, measured against the max "
+        "seen so far at that block, and divides it by the final l; a block seen before the max "
+        "grew is then too large. Write every block in the second pass against the final m: "
+        "exp(x - m) / l.",
+        lambda x, block: _streamed(x, block, divide="kept"))
+    yield Mistake(
         "{name} takes a separate softmax of each block, so every block sums to 1 on its own; "
         "the whole row must sum to 1.",
         _softmax_per_block)
+    yield Mistake(
+        "{name} gives nan for a row that is all -inf: its final m is -inf and (-inf) - (-inf) "
+        "is nan. Subtract 0 instead of m on such rows (as in online_step); with l = 0 there, "
+        "write zeros rather than dividing by l.",
+        lambda x, block: _streamed(x, block, guard=False))
+    yield Mistake(
+        "{name} takes exp of the raw scores: with scores in the hundreds, exp overflows to inf "
+        "and inf / inf is nan. Subtract the row's max m first: exp(x - m) / l.",
+        lambda x, block: _softmax_unshifted(x, block))
+
+
+def _blocked_rows(rng):
+    x = _normal(rng, 3, 7)
+    x[0, :3] = -np.inf
+    x[1, :] = -np.inf
+    return x
 
 
 def _streaming_cases(hidden: bool):
@@ -171,8 +212,12 @@ def _streaming_cases(hidden: bool):
         return [Case((_normal(rng, 3, 10, scale=2.0), 4), names,
                      "block = 4 does not divide the 10 columns: the last block has 2."),
                 Case((late, 3), names, "A (2, 2, 7) batch whose max arrives in the last block."),
-                Case((_normal(rng, 2, 9, scale=200.0), 3), names,
-                     "Large scores (hundreds): never exp a big positive number.")]
+                # scale 400: the largest score is about 900, and exp overflows above ~709
+                Case((_normal(rng, 2, 9, scale=400.0), 3), names,
+                     "Large scores (hundreds): never exp a big positive number."),
+                Case((_blocked_rows(rng), 2), names,
+                     "-inf entries are blocked scores: row 0 starts with three of them, row 1 "
+                     "is all -inf, so its softmax is all zeros (not nan).")]
     rng = _t.default_rng(116)
     masked = _normal(rng, 3, 8)
     masked[0, :5] = -np.inf
@@ -201,7 +246,8 @@ STREAMING_SOFTMAX = Exercise(
 
 
 def _tiled(q, k, v, causal, block_q, block_k, *, rescale_l=True, acc="right", divide="once",
-           stop="right", mask_diagonal=True, scale=True):
+           stop="right", mask_diagonal=True, mask="global", scale=True, carry_max=True,
+           shift=True):
     seq, d_head = q.shape[-2:]
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = np.zeros(lead + (seq, v.shape[-1]))
@@ -216,9 +262,17 @@ def _tiled(q, k, v, causal, block_q, block_k, *, rescale_l=True, acc="right", di
             ke = min(ks + block_k, seq)
             s = qb @ np.swapaxes(k[..., ks:ke, :], -1, -2)
             if causal and mask_diagonal:
-                s = np.where(np.arange(ks, ke)[None, :] <= np.arange(qs, qe)[:, None], s, -np.inf)
+                keys, queries = {"global": (np.arange(ks, ke), np.arange(qs, qe)),
+                                 "diagonal": (np.arange(ks, ke) + 1, np.arange(qs, qe)),
+                                 "local": (np.arange(ke - ks), np.arange(qe - qs))}[mask]
+                s = np.where(keys[None, :] <= queries[:, None], s, -np.inf)
+            if divide == "tile softmax":  # each tile's own softmax, the results added
+                o = o + _t.ref_softmax(s) @ v[..., ks:ke, :]
+                continue
             m_new = np.maximum(m, s.max(axis=-1))
-            alpha = np.exp(m - _safe(m_new))
+            if not shift:  # no running max at all: exp of the raw scores
+                m_new = np.zeros_like(m_new)
+            alpha = np.exp(m - _safe(m_new)) if shift else np.ones_like(m)
             p = np.exp(s - _safe(m_new)[..., None])
             l = (alpha if rescale_l else 1.0) * l + p.sum(axis=-1)
             if acc == "right":
@@ -229,9 +283,11 @@ def _tiled(q, k, v, causal, block_q, block_k, *, rescale_l=True, acc="right", di
             if divide == "per block":
                 pv = pv / np.where(l > 0, l, 1.0)[..., None]
             o = o + pv
-            m = m_new
+            if carry_max:
+                m = m_new
         if divide == "once":
-            o = o / np.where(l > 0, l, 1.0)[..., None]
+            # with the diagonal blocked, query 0 sees no key: a learner's 0 / 0 gives nan there
+            o = o / (l if mask == "diagonal" else np.where(l > 0, l, 1.0))[..., None]
         out[..., qs:qe, :] = o
     return out
 
@@ -255,6 +311,16 @@ def _tiled_mistakes(q, k, v, causal, block_q, block_k):
         "the later blocks. Accumulate exp(s - m) @ v and divide by l once, after the last "
         "block of keys.",
         variant(divide="per block"))
+    yield Mistake(
+        "{name} takes a separate softmax of each tile of keys and adds the results, so every "
+        "tile's weights sum to 1 on their own; a row's weights must sum to 1 over all its keys. "
+        "Carry m, l and acc across the tiles and divide by l once, at the end.",
+        variant(divide="tile softmax"))
+    yield Mistake(
+        "{name} does not keep the new max for the next tile: m stays -inf, so alpha = "
+        "exp(m - m_new) is 0 and every tile wipes out the ones before it. End each step with "
+        "m = m_new.",
+        variant(carry_max=False))
     if causal:
         yield Mistake(
             "{name}'s causal walk stops one key too early: the last query of a tile, "
@@ -269,6 +335,20 @@ def _tiled_mistakes(q, k, v, causal, block_q, block_k):
             "{name} skips the tiles above the diagonal but does not mask inside the diagonal "
             "tiles: there key j must still be blocked (-inf) for query i < j.",
             variant(mask_diagonal=False))
+        yield Mistake(
+            "{name} builds the causal mask from positions inside the tile (0, 1, ... for both "
+            "the tile's queries and its keys); compare positions in the whole sequence: key "
+            "k_start + column is blocked for query q_start + row when it is larger.",
+            variant(mask="local"))
+        yield Mistake(
+            "{name} blocks the diagonal too: query i may attend to key i itself. Block only the "
+            "keys j > i.",
+            variant(mask="diagonal"))
+    yield Mistake(
+        "{name} takes exp of the raw scores, without the running max: with large scores exp "
+        "overflows to inf and inf / inf is nan. Subtract m_new inside exp, and rescale by "
+        "alpha = exp(m - m_new) when it grows.",
+        variant(shift=False))
     yield Mistake(
         f"{{name}} does not scale the scores: divide q @ k^T by sqrt(d_head) = "
         f"sqrt({q.shape[-1]}).",
@@ -289,7 +369,11 @@ def _tiled_cases(hidden: bool):
                             scale=1.5),
                 _tiled_case(rng, (2, 11, 8), True, 4, 4,
                             "Causal, a (2, 11, 8) batch: tiles of 4 with a short last one.",
-                            scale=1.5)]
+                            scale=1.5),
+                # scale 30: scores up to a few thousand; exp overflows above ~709
+                _tiled_case(rng, (8, 4), False, 4, 3,
+                            "Large scores (up to thousands): exp must only ever see s - m <= 0.",
+                            scale=30.0)]
     rng = _t.default_rng(117)
     return [_tiled_case(rng, (1, 5), True, 4, 4, "seq = 1: one query, one key."),
             _tiled_case(rng, (7, 6), True, 16, 16, "Tiles wider than seq = 7."),
