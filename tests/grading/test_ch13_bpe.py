@@ -160,6 +160,18 @@ def merge_drop_last(ids, pair, new_id):
     return out
 
 
+def merge_first_token_only(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def merge_in_place(ids, pair, new_id):
     i = 0
     while i < len(ids) - 1:
@@ -261,6 +273,7 @@ DECLARED = [
         (merge_first_only, "only the first occurrence"),
         (merge_drop_last, "drops the last token"),
         (merge_in_place, "changed its input ids"),
+        (merge_first_token_only, "without checking that ids[i + 1] == pair[1]"),
     ], alternatives=[merge, merge_skip_flag]),
     Declared(check_bpe_encode, mistakes=[
         (encode_no_chunks, "merges across pre-tokenised chunks"),

@@ -153,13 +153,14 @@ COUNT_PAIRS = Exercise(
 # --- (b) apply one merge ------------------------------------------------------------------------
 
 
-def _merge_variant(ids, pair, new_id, *, step=2, first_only=False, stop=1, reverse=False):
+def _merge_variant(ids, pair, new_id, *, step=2, first_only=False, stop=1, reverse=False,
+                   half=False):
     if reverse:
         flipped = _merge_variant(ids[::-1], pair[::-1], new_id)
         return flipped[::-1]
     out, i, done = [], 0, False
     while i < len(ids) - (stop - 1):
-        if (i < len(ids) - 1 and ids[i] == pair[0] and ids[i + 1] == pair[1]
+        if (i < len(ids) - 1 and ids[i] == pair[0] and (half or ids[i + 1] == pair[1])
                 and not (first_only and done)):
             out.append(new_id)
             i += step
@@ -187,12 +188,16 @@ def _merge_mistakes(ids, pair, new_id):
         "{name} scans from the right: in a run like [7, 7, 7] the pairs overlap, and the rule is "
         "to take them left to right, giving [256, 7].",
         lambda i, p, n: _merge_variant(i, p, n, reverse=True))
+    yield Mistake(
+        "{name} merges wherever ids[i] == pair[0] without checking that ids[i + 1] == pair[1]: "
+        "both tokens must match the pair.", lambda i, p, n: _merge_variant(i, p, n, half=True))
 
 
 def _merge_cases(hidden: bool):
     names = ("ids", "pair", "new_id")
     if not hidden:
-        return [Case(([5, 6, 7, 5, 6, 5], (5, 6), 300), names),
+        # the 5 followed by 7 is not the pair (5, 6)
+        return [Case(([5, 6, 7, 5, 6, 5, 7, 6], (5, 6), 300), names),
                 Case(([7, 7, 7, 7, 7], (7, 7), 256), names,
                      "The pair (7, 7) overlaps itself here: merge left to right.")]
     rng = _t.default_rng(1301)
