@@ -118,6 +118,14 @@ def count_off_by_one(chunks):
     return counts
 
 
+def count_set_to_one(chunks):
+    counts = {}
+    for ids in chunks:
+        for pair in zip(ids, ids[1:], strict=False):
+            counts[pair] = 1
+    return counts
+
+
 def count_lists_as_keys(chunks):
     return {str([a, b]): n for (a, b), n in count_pairs(chunks).items()}
 
@@ -144,6 +152,18 @@ def merge_drop_last(ids, pair, new_id):
     out, i = [], 0
     while i < len(ids) - 1:
         if ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def merge_first_token_only(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0]:
             out.append(new_id)
             i += 2
         else:
@@ -200,6 +220,33 @@ def encode_code_points(text, merges):
     return out
 
 
+def encode_rank_as_id(text, merges):
+    ranks = {tuple(p): r for r, p in enumerate(merges)}
+    out = []
+    for chunk in regex.findall(GPT2_PATTERN, text):
+        ids = list(chunk.encode("utf-8"))
+        while len(ids) >= 2:
+            pair = min(zip(ids, ids[1:], strict=False), key=lambda p: ranks.get(p, float("inf")))
+            if pair not in ranks:
+                break
+            ids = merge(ids, pair, ranks[pair])
+        out += ids
+    return out
+
+
+def encode_one_merge_per_chunk(text, merges):
+    ranks = {tuple(p): r for r, p in enumerate(merges)}
+    out = []
+    for chunk in regex.findall(GPT2_PATTERN, text):
+        ids = list(chunk.encode("utf-8"))
+        hits = [p for p in zip(ids, ids[1:], strict=False) if p in ranks]
+        if hits:
+            pair = min(hits, key=ranks.get)
+            ids = merge(ids, pair, 256 + ranks[pair])
+        out += ids
+    return out
+
+
 def decode_per_token(ids, vocab):
     return "".join(vocab[i].decode("utf-8", errors="replace") for i in ids)
 
@@ -217,6 +264,7 @@ DECLARED = [
         (count_across_chunks, "across chunk boundaries"),
         (count_once_per_chunk, "at most once per chunk"),
         (count_off_by_one, "misses the last pair of each chunk"),
+        (count_set_to_one, "gives every pair the count 1"),
         (count_lists_as_keys, "each key should be a pair of token ids"),
         (lambda chunks: list(count_pairs(chunks).items()), "it should return a dict"),
     ], alternatives=[count_pairs_counter, count_pairs_defaultdict]),
@@ -225,16 +273,19 @@ DECLARED = [
         (merge_first_only, "only the first occurrence"),
         (merge_drop_last, "drops the last token"),
         (merge_in_place, "changed its input ids"),
+        (merge_first_token_only, "without checking that ids[i + 1] == pair[1]"),
     ], alternatives=[merge, merge_skip_flag]),
     Declared(check_bpe_encode, mistakes=[
         (encode_no_chunks, "merges across pre-tokenised chunks"),
         (encode_leftmost, "leftmost pair"),
         (encode_code_points, "code points"),
+        (encode_rank_as_id, "gives merge r the id r"),
+        (encode_one_merge_per_chunk, "only one merge to each chunk"),
     ], alternatives=[encode, encode_in_rank_order]),
     Declared(check_bpe_decode, mistakes=[
         (decode_per_token, "decodes token by token"),
         (decode_ignore, "errors='ignore'"),
-        (decode_strict, "UnicodeDecodeError"),
+        (decode_strict, ["UnicodeDecodeError", "errors='replace'"]),
     ], alternatives=[decode, decode_bytearray]),
 ]
 globals().update(meta_tests(DECLARED))

@@ -133,7 +133,7 @@ def _read_ids(spec: Spec, out, case: Case) -> tuple:
                 raise AssertionError(
                     f"{spec.name} returned a {_t.type_(out).__name__} containing {shown} for "
                     f"{_describe(case)}; every entry must be a token id, an integer "
-                    f"(the position of the character in itos).")
+                    f"(its index in the vocabulary).")
         return _t.tuple_(int(v) for v in out)
     raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
                          f"should return a list of token ids (integers).")

@@ -67,12 +67,17 @@ def _count_pairs_mistakes(chunks):
         "{name} misses the last pair of each chunk: the pairs are (ids[i], ids[i + 1]) for i "
         "from 0 to len(ids) - 2 included.",
         lambda c: _count(lambda ids: list(pairwise(ids[:-1])), c))
+    yield Mistake(
+        "{name} gives every pair the count 1: add one for each occurrence, "
+        "counts[pair] = counts.get(pair, 0) + 1, instead of setting it to 1.",
+        lambda c: dict.fromkeys((p for ids in c for p in pairwise(ids)), 1))
 
 
 def _count_pairs_cases(hidden: bool):
     names = ("chunks",)
     if not hidden:
-        return [Case(([[1, 2, 3, 1, 2], [3, 1], [7, 7, 7], [2]],), names),
+        # [4, 5] ends on a pair found nowhere else: missing the last pair drops a key
+        return [Case(([[1, 2, 3, 1, 2], [3, 1], [7, 7, 7], [2], [4, 5]],), names),
                 Case((_chunks_of("the cat sat on the mat, the end"),), names,
                      "These chunks are the UTF-8 bytes of a pre-tokenised sentence.")]
     rng = _t.default_rng(1300)
@@ -148,13 +153,14 @@ COUNT_PAIRS = Exercise(
 # --- (b) apply one merge ------------------------------------------------------------------------
 
 
-def _merge_variant(ids, pair, new_id, *, step=2, first_only=False, stop=1, reverse=False):
+def _merge_variant(ids, pair, new_id, *, step=2, first_only=False, stop=1, reverse=False,
+                   half=False):
     if reverse:
         flipped = _merge_variant(ids[::-1], pair[::-1], new_id)
         return flipped[::-1]
     out, i, done = [], 0, False
     while i < len(ids) - (stop - 1):
-        if (i < len(ids) - 1 and ids[i] == pair[0] and ids[i + 1] == pair[1]
+        if (i < len(ids) - 1 and ids[i] == pair[0] and (half or ids[i + 1] == pair[1])
                 and not (first_only and done)):
             out.append(new_id)
             i += step
@@ -182,12 +188,16 @@ def _merge_mistakes(ids, pair, new_id):
         "{name} scans from the right: in a run like [7, 7, 7] the pairs overlap, and the rule is "
         "to take them left to right, giving [256, 7].",
         lambda i, p, n: _merge_variant(i, p, n, reverse=True))
+    yield Mistake(
+        "{name} merges wherever ids[i] == pair[0] without checking that ids[i + 1] == pair[1]: "
+        "both tokens must match the pair.", lambda i, p, n: _merge_variant(i, p, n, half=True))
 
 
 def _merge_cases(hidden: bool):
     names = ("ids", "pair", "new_id")
     if not hidden:
-        return [Case(([5, 6, 7, 5, 6, 5], (5, 6), 300), names),
+        # the 5 followed by 7 is not the pair (5, 6)
+        return [Case(([5, 6, 7, 5, 6, 5, 7, 6], (5, 6), 300), names),
                 Case(([7, 7, 7, 7, 7], (7, 7), 256), names,
                      "The pair (7, 7) overlaps itself here: merge left to right.")]
     rng = _t.default_rng(1301)
@@ -218,13 +228,16 @@ MERGE = Exercise(
 # --- (c) encode by rank -------------------------------------------------------------------------
 
 
-def _encode_variant(text, merges, *, chunks=True, pick="lowest", units="bytes"):
+def _encode_variant(text, merges, *, chunks=True, pick="lowest", units="bytes", first=256,
+                    rounds=None):
     ranks = {tuple(p): r for r, p in enumerate(merges)}
     pieces = _PATTERN.findall(text) if chunks else [text]
     out = []
     for piece in pieces:
         ids = list(piece.encode("utf-8")) if units == "bytes" else [ord(c) for c in piece]
-        while True:
+        done = 0
+        while rounds is None or done < rounds:
+            done += 1
             found = [p for p in pairwise(ids) if p in ranks]
             if not found:
                 break
@@ -234,7 +247,7 @@ def _encode_variant(text, merges, *, chunks=True, pick="lowest", units="bytes"):
                 pair = max(found, key=ranks.get)
             else:
                 pair = min(found, key=ranks.get)
-            ids = _lib_merge_pair(ids, pair, 256 + ranks[pair])
+            ids = _lib_merge_pair(ids, pair, first + ranks[pair])
         out += ids
     return out
 
@@ -272,6 +285,13 @@ def _encode_mistakes(text, merges):
         "{name} starts from code points (ord of each character), not UTF-8 bytes: 'é' must "
         "become the two bytes [195, 169]. Use list(chunk.encode('utf-8')).",
         lambda t, m: _encode_variant(t, m, units="chars"))
+    yield Mistake(
+        "{name} gives merge r the id r; ids 0 to 255 are the bytes, so merge r makes the new "
+        "token 256 + r.", lambda t, m: _encode_variant(t, m, first=0))
+    yield Mistake(
+        "{name} applies only one merge to each chunk; repeat: find the lowest-rank pair again "
+        "in the merged chunk, until no adjacent pair is in merges.",
+        lambda t, m: _encode_variant(t, m, rounds=1))
 
 
 def _encode_cases(hidden: bool):
@@ -283,7 +303,8 @@ def _encode_cases(hidden: bool):
         # (e, space) would join "the" to " cat" if merges crossed chunks
         the = [(e, sp), (t, h), (256 + 1, e), (sp, 256 + 2), (ord("a"), t)]
         return [Case(("banana bandana", banana), names,
-                     "Here (110, 97) ranks before (97, 110): the lowest rank goes first."),
+                     "Here (110, 97) is merge 0 and (97, 110) merge 1, so 'banana' is "
+                     "b|a|na|na: [98, 97, 256, 256]."),
                 Case(("the cat ate the hat", the), names,
                      "The merge (101, 32), 'e' + ' ', never applies: 'e' and ' ' are in "
                      "different chunks."),
@@ -358,7 +379,9 @@ def _decode_cases(hidden: bool):
         return [Case(([256, 257, 169, 32, 33], vocab), names,
                      "Token 257 ends with the first byte of 'é' and token 169 is its second."),
                 Case(([104, 105, 255, 33], vocab), names,
-                     "Byte 255 is never valid UTF-8: it must become '\ufffd'.")]
+                     "Byte 255 is never valid UTF-8: it must become '\ufffd'.",
+                     on_error="Byte 255 is never valid UTF-8: decode with errors='replace' "
+                              "so that it becomes '\ufffd' instead of raising.")]
     text = "Ça va? 東京 🙂 ok"
     raw = list(text.encode("utf-8"))
     return [Case((raw, vocab), names, "Every byte of a non-ASCII text, one token each."),
