@@ -11,11 +11,7 @@ from functools import partial
 import numpy as np
 
 from . import _trusted as _t
-from .checks_attention import (
-    _mha_cases,
-    _mha_mistakes,
-)
-from .engine import (
+from ._legacy import (
     Case,
     Mistake,
     Spec,
@@ -27,6 +23,10 @@ from .engine import (
     _run_value,
     _shape,
     _Shown,
+)
+from .checks_attention import (
+    _mha_cases,
+    _mha_mistakes,
 )
 
 # --- chapter 1: encode ---------------------------------------------------------------------------
