@@ -119,19 +119,21 @@ def run_pair(pair: Pair, fwd: Learner, bwd: Learner, cases) -> None:
 
 
 def _call_backward(pair: Pair, learner: Learner, dout, cache, case: Case):
-    said = Case((dout,), ("dloss" if pair.out == "scalar" else "dout",),
-                f"(The cache was what your {pair.forward} returned for {_describe(case)}.)"
-                + (f" {case.note}" if case.note else ""))
+    said = Case((dout,), ("dloss" if pair.out == "scalar" else "dout",))
+    cache_from = f"(The cache was what your {pair.forward} returned for {_describe(case)}.)"
     out, exc, copies = _attempt(learner.fn, Case((dout, cache), ("dout", "cache")),
                                 learner.backend)
     if exc is not None:
-        raise AssertionError(_raised(pair.backward, exc, said, learner.fn)) from exc
+        message = _raised(pair.backward, exc, said, learner.fn)
+        if "not implemented yet" not in message:
+            message += " " + cache_from  # the backward's other input
+        raise AssertionError(message) from exc
     for label, original, passed in copies:
         if not _t.identical(passed, original):
             raise AssertionError(
                 f"{pair.backward} changed its input {label} in place (for example with "
-                f"`{label} *= ...` or `{label}[...] = ...`) when called with {_describe(said)}. "
-                f"Build new arrays instead: `{label} = {label} * ...`.")
+                f"`{label} *= ...` or `{label}[...] = ...`) when called with {_describe(said)} "
+                f"{cache_from} Build new arrays instead: `{label} = {label} * ...`.")
     return out
 
 
