@@ -43,6 +43,7 @@ class Case:
     args: tuple
     names: tuple
     note: str = ""  # said after a generic failure message on this input
+    on_error: str = ""  # said after an exception raised on this input (a shape hint, say)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Spec:
     mistakes: object  # callable(*args) -> iterable of Mistake
     out: str = "float"  # "float" | "bool" | "scalar" | "int_pair"
     tol32: str = "float32_op"  # TOL entry when the result or an input is float32
+    hint: str = ""  # said after a wrong value (the value kind)
 
 
 class Learner:
@@ -77,8 +79,8 @@ class Learner:
 def run_array(spec: Spec, learner: Learner, cases, explain=None) -> None:
     """The array kind's body: every case against the reference, the first difference named.
 
-    ``explain(call, got, args, case)``, when given, diagnoses a mismatch that no catalogued
-    mistake matches by parts (it may call the learner again through ``call(*args)``).
+    ``explain(probe, got, args, case)``, when given, diagnoses by parts a mismatch that no
+    catalogued mistake matches (``probe`` calls the learner again; see ``Probe``).
     """
     with _t.pristine():
         for case in cases:
@@ -119,22 +121,48 @@ def _nonfinite(spec: Spec, got: tuple, expected: tuple, case: Case):
     return None
 
 
-def _explain(explain, learner: Learner, got: tuple, args: tuple, case: Case):
-    """Run an exercise's diagnosis by parts; anything it raises says nothing."""
-    def call(*new_args):
-        out, exc, _ = _attempt(learner.fn, Case(new_args, case.names), learner.backend
-                               if learner.backend != "auto" else "numpy")
+class Probe:
+    """What a diagnosis by parts may do with the learner's function: call it again on other
+    inputs (``call``), or call it with one of the helper functions it uses swapped for the
+    reference (``swapped``)."""
+
+    def __init__(self, learner: Learner, case: Case):
+        self.fn = learner.fn
+        self.backend = learner.backend if learner.backend != "auto" else "numpy"
+        self.case = case
+
+    def call(self, *args):
+        """The learner's output on ``args`` as a float ndarray, or None if it raised."""
+        out, exc, _ = _attempt(self.fn, Case(args, self.case.names), self.backend)
         if exc is not None:
             return None
         try:
-            return _as_array(Spec(learner.name, None, None), out, "", "float", case)
+            return _as_array(Spec("", None, None), out, "", "float", self.case)
         except AssertionError:
             return None
 
+    def swapped(self, name: str, reference, *args):
+        """The learner's output on ``args`` with the global ``name`` its code calls replaced by
+        ``reference`` (None if its code does not use that name, or raised)."""
+        code = getattr(self.fn, "__code__", None)
+        space = getattr(self.fn, "__globals__", None)
+        if code is None or _t.type_(space) is not dict or name not in code.co_names \
+                or name not in space:
+            return None
+        saved = space[name]
+        space[name] = reference
+        try:
+            return self.call(*args)
+        finally:
+            space[name] = saved
+
+
+def _explain(explain, learner: Learner, got: tuple, args: tuple, case: Case):
+    """Run an exercise's diagnosis by parts; anything it raises says nothing."""
     try:
         with _t.catch_warnings(), _t.errstate(all="ignore"):
             _t.simplefilter("ignore")
-            return explain(call, got[0], args, case)
+            return explain(Probe(learner, case), got[0], args, case)
     except Exception:
         return None
 
@@ -214,8 +242,9 @@ def _raised(name: str, exc: BaseException, case: Case, fn) -> str:
         return f"{name} tried to exit Python (SystemExit) when called with {_describe(case)}."
     message = f"{name} raised {kind}" + (f": {text}" if text else "")
     # The case's note is left out: it describes what a wrong *value* may mean on this input,
-    # and next to an exception it points the wrong way.
-    return f"{message} — when called with {_describe(case)}."
+    # and next to an exception it points the wrong way; ``on_error`` is written for exceptions.
+    return f"{message} — when called with {_describe(case)}." + (
+        f" {case.on_error}" if case.on_error else "")
 
 
 def _raising_function(exc: BaseException):

@@ -53,7 +53,7 @@ class Exercise:
     backends: tuple = BACKENDS  # the backends the learner may write it with
     check: str = ""  # the checker's name; default "check_" + name
     doc: str = ""  # the checker's docstring: the task in one or two lines, with shapes
-    explain: object = None  # (call, got, args, case) -> str | None: diagnosis by parts
+    explain: object = None  # (probe, got, args, case) -> str | None: diagnosis by parts
     wrap: object = None  # fn -> callable run instead; its .problem() is asked after the run
     then: tuple = ()  # further exercises run on the same function(s) once this one passes
     passed: str = ""  # what a passing visible test says was checked (default: from the kind)

@@ -60,10 +60,12 @@ class Value(Kind):
 
     value: str = "ids"
     whole_run: bool = False
+    hint: str = ""  # said after a wrong value that no catalogued mistake explains
     what = "gives the right answer"
 
     def run(self, ex, learners, cases):
-        run_value(self.spec(ex, self.value), learners[0], cases, self.whole_run)
+        spec = Spec(ex.name, ex.reference, ex.mistakes, out=self.value, hint=self.hint)
+        run_value(spec, learners[0], cases, self.whole_run)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ def _value_mismatch(spec: Spec, got, want, case: Case) -> str:
         return text + f" The first difference is at position {first}."
     if spec.out == "count":
         return (f"{spec.name} returned {got:,} for {where}, which is not the number of "
-                f"parameters. Count every weight matrix and bias vector of the layer.")
+                f"parameters. " + (spec.hint or "Count every weight matrix and bias vector of "
+                                   "the layer."))
     return f"{spec.name} returned {got!r} for {where}; expected {want!r}."
 
 

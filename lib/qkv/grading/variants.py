@@ -39,6 +39,8 @@ def attention_variant(q, k, v, mask=None, *, divide_by=None, masking="-inf", gua
         weights = _t.ref_softmax(scores)
     else:
         weights = plain_softmax(scores, axis=axis, stable=stable)
+        if guard:  # one mistake at a time: fully masked rows stay zero
+            weights = np.where(np.isneginf(scores).all(axis=-1, keepdims=True), 0.0, weights)
     if mask is not None and masking == "after":
         weights = np.where(mask, weights, 0.0)
     if mask is not None and masking == "after -inf":
@@ -124,3 +126,20 @@ def block_variant(x, p, n_head, *, attn_residual=True, mlp_residual=True, norm="
     return x
 
 
+def block_args(rng, shape, n_head, dtype=np.float64):
+    d = shape[-1]
+
+    def w(*s, scale=0.2):
+        return normal(rng, *s, scale=scale, dtype=dtype)
+
+    params = dict(ln1_gamma=1.0 + w(d, scale=0.1), ln1_beta=w(d, scale=0.1),
+                  w_qkv=w(d, 3 * d, scale=0.3), b_qkv=w(3 * d, scale=0.05),
+                  w_out=w(d, d), b_out=w(d, scale=0.05),
+                  ln2_gamma=1.0 + w(d, scale=0.1), ln2_beta=w(d, scale=0.1),
+                  w_fc=w(d, 4 * d), b_fc=w(4 * d, scale=0.05),
+                  w_proj=w(4 * d, d), b_proj=w(d, scale=0.05))
+    return (normal(rng, *shape, dtype=dtype), params, n_head)
+
+
+def normal(rng, *shape, scale=1.0, dtype=np.float64):
+    return (rng.normal(size=shape) * scale).astype(dtype)

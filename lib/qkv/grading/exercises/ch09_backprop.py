@@ -68,7 +68,7 @@ def _linear_case(rng, shape, d_out, note=""):
     d_in = shape[-1]
     args = (_normal(rng, *shape), _normal(rng, d_in, d_out), _normal(rng, d_out))
     out_shape = shape[:-1] + (d_out,)
-    return Case(args, ("x", "w", "b"), note), _upstream(rng, out_shape)
+    return Case(args, ("x", "w", "b"), note, on_error=note), _upstream(rng, out_shape)
 
 
 _BATCH_T = ("x is batched here, (batch, seq, d_in): flatten the leading axes "
@@ -410,7 +410,7 @@ def _attention_mistakes(q, k, v, dout):
 
 def _attention_case(rng, shape, note=""):
     return (Case((_normal(rng, *shape), _normal(rng, *shape), _normal(rng, *shape)),
-                 ("q", "k", "v"), note), _upstream(rng, shape))
+                 ("q", "k", "v"), note, on_error=note), _upstream(rng, shape))
 
 
 _BATCH_A = ("q, k and v are batched here: transpose only the last two axes, "
