@@ -8,7 +8,7 @@ from grading_meta import Declared, meta_tests
 
 import qkv.pt
 from qkv.grading import check_neox_to_gpt2_layout
-from qkv.grading.exercises.ch06_neox import _reference
+from qkv.grading.exercises._neox_layout import _reference
 from qkv.tolerances import TOL
 
 

@@ -1,7 +1,7 @@
 """Chapter 9, the backward passes the chapter derives but does not show as finished code: GELU,
 the MLP (with both bias gradients), the embedding lookup and a whole decoder block, built from the
-learner's own pieces. Same gradient-pair kind as ch09_backprop; the trusted references are
-qkv.np's, captured here at import, before any learner code runs."""
+learner's own pieces. Same gradient-pair kind as ch09_backprop, which lists them; the trusted
+references are qkv.np's, captured here at import, before any learner code runs."""
 
 import math
 
@@ -378,4 +378,4 @@ BLOCK_BACKWARD = Exercise(
 )
 
 
-EXERCISES = [GELU_BACKWARD, MLP_BACKWARD, EMBEDDING_BACKWARD, BLOCK_BACKWARD]
+__all__ = ["GELU_BACKWARD", "MLP_BACKWARD", "EMBEDDING_BACKWARD", "BLOCK_BACKWARD"]

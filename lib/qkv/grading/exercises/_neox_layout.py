@@ -1,7 +1,7 @@
-"""Chapter 6, a checkpoint's layout: GPT-NeoX stores its fused query/key/value projection
-interleaved per head (head 0's q, k, v, then head 1's ...); GPT-2 and this course store
-[Q | K | V]. The learner converts one to the other, which the chapter explains (a figure and the
-column formulas) but does not show as code."""
+"""Chapter 6 (listed by ch06_multi_head), a checkpoint's layout: GPT-NeoX stores its fused
+query/key/value projection interleaved per head (head 0's q, k, v, then head 1's ...); GPT-2
+and this course store [Q | K | V]. The learner converts one to the other, which the chapter
+explains (a figure and the column formulas) but does not show as code."""
 
 import numpy as np
 
@@ -93,4 +93,4 @@ NEOX_TO_GPT2 = Exercise(
 )
 
 
-EXERCISES = [NEOX_TO_GPT2]
+__all__ = ["NEOX_TO_GPT2"]
