@@ -58,6 +58,8 @@ WRONG = {  # plausible wrong answers, one per answer cell of softmax.ipynb
     "scores-answer": "def attention_scores(q, k):\n    return q @ np.swapaxes(k, -1, -2)\n",
     "temperature-answer": "def softmax_with_temperature(x, temperature):\n"
                           "    return softmax(x * temperature)\n",
+    "jacobian-answer": "def softmax_jacobian(x):\n"
+                       "    p = softmax(x)\n    return -p[..., :, None] * p[..., None, :]\n",
 }
 
 
@@ -116,7 +118,8 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
     # softmax never returns: its test cell times out and is interrupted, the other tests still run.
     put("loop", nb_with({
         **right, "softmax-answer": "def softmax(x):\n    while True:\n        pass\n",
-        "temperature-answer": "def softmax_with_temperature(x, t):\n    return x\n"}),
+        "temperature-answer": "def softmax_with_temperature(x, t):\n    return x\n",
+        "jacobian-answer": "def softmax_jacobian(x):\n    return x[..., None] * x\n"}),
         Expect("graded (softmax-tests timed out*", points["scores-tests"]))
     put("swallow", nb_with(right, prefix=textwrap.dedent("""\
         while True:
@@ -202,7 +205,8 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
     # so the score is not asserted: see the grading report.
     put("rebind", nb_with(prefix="".join(
         f"def {name}(*args, **kwargs):\n    pass\n" for name in
-        ("check_softmax", "check_attention_scores", "check_softmax_temperature"))),
+        ("check_softmax", "check_attention_scores", "check_softmax_temperature",
+         "check_softmax_jacobian"))),
         Expect("graded", None, {"test-name-rebound"}))
     # Behaving differently when graded: the sandbox removes NBGRADER_EXECUTION from the kernel.
     put("detect", nb_with({**right, "softmax-answer": textwrap.dedent("""\

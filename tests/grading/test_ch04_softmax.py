@@ -5,7 +5,12 @@ import torch
 from grading_meta import Declared, meta_tests
 
 import qkv.np as qnp
-from qkv.grading import check_attention_scores, check_softmax, check_softmax_temperature
+from qkv.grading import (
+    check_attention_scores,
+    check_softmax,
+    check_softmax_jacobian,
+    check_softmax_temperature,
+)
 
 
 def softmax(x):
@@ -80,4 +85,46 @@ DECLARED = [
     ),
 ]
 
+
+def jacobian_einsum(x):
+    p = softmax(x)
+    return np.einsum("...i,ij->...ij", p, np.eye(p.shape[-1])) - np.einsum("...i,...j->...ij", p, p)
+
+
+def jacobian_loops(x):
+    """Entry by entry, from the two cases of the quotient rule."""
+    p = softmax(x)
+    n = p.shape[-1]
+    out = np.empty(p.shape + (n,), dtype=p.dtype)
+    for idx in np.ndindex(p.shape[:-1]):
+        for i in range(n):
+            for j in range(n):
+                out[idx + (i, j)] = p[idx + (i,)] * ((i == j) - p[idx + (j,)])
+    return out
+
+
+def jacobian_autograd(x):
+    """PyTorch's autograd, one row at a time: an independent computation of the same table."""
+    rows = x.reshape(-1, x.shape[-1]).double()
+    tables = [torch.autograd.functional.jacobian(lambda r: torch.softmax(r, dim=-1), row)
+              for row in rows]
+    return torch.stack(tables).reshape(*x.shape, x.shape[-1]).to(x.dtype)
+
+
+def _p(x):
+    return softmax(x)
+
+
+DECLARED.append(Declared(
+    check_softmax_jacobian,
+    mistakes=[
+        (lambda x: np.eye(x.shape[-1]) * (_p(x) * (1 - _p(x)))[..., None, :], "only the diagonal"),
+        (lambda x: np.where(np.eye(x.shape[-1]) == 1,
+                            _p(x)[..., :, None] * (1 - _p(x)[..., :, None]),
+                            _p(x)[..., :, None] * _p(x)[..., None, :]), "wrong sign"),
+        (lambda x: -_p(x)[..., :, None] * _p(x)[..., None, :], "diagonal's own term"),
+        (lambda x: x[..., :, None] * (np.eye(x.shape[-1]) - x[..., None, :]), "instead of the"),
+    ],
+    alternatives=[jacobian_einsum, jacobian_loops, jacobian_autograd],
+))
 globals().update(meta_tests(DECLARED))

@@ -11,7 +11,13 @@ import torch
 from grading_meta import Declared, meta_tests, run
 
 import qkv.np as qnp
-from qkv.grading import check_attention, check_causal_mask, check_cross_entropy, check_shift_targets
+from qkv.grading import (
+    check_attention,
+    check_causal_mask,
+    check_cross_entropy,
+    check_shift_targets,
+    check_sliding_window_mask,
+)
 
 
 def softmax(x):
@@ -163,6 +169,24 @@ DECLARED = [
         alternatives=[cross_entropy, cross_entropy_rows,
                       lambda l, t: torch.nn.functional.cross_entropy(
                           l.reshape(-1, l.shape[-1]), t.reshape(-1))],
+    ),
+    Declared(
+        check_sliding_window_mask,
+        mistakes=[
+            (lambda s, w: np.tril(np.ones((s, s), dtype=bool))
+             & ~np.tril(np.ones((s, s), bool), -w - 1), "window + 1 keys"),
+            (lambda s, w: np.abs(np.arange(s)[:, None] - np.arange(s)[None, :]) < w,
+             "looks into the future"),
+            (lambda s, w: np.tril(np.ones((s, s), dtype=bool)), "ignores the window"),
+            (lambda s, w: (np.tril(np.ones((s, s), bool)) & ~np.tril(np.ones((s, s), bool), -w)).T,
+             "transposed"),
+        ],
+        alternatives=[
+            lambda s, w: np.tril(np.ones((s, s), dtype=bool)) & ~np.tril(np.ones((s, s), bool), -w),
+            lambda s, w: np.array([[0 <= i - j < w for j in range(s)] for i in range(s)]),
+            lambda s, w: torch.ones(s, s, dtype=torch.bool).tril() & torch.ones(
+                s, s, dtype=torch.bool).triu(-(w - 1)),
+        ],
     ),
 ]
 

@@ -409,7 +409,7 @@ def test_patched_reference_does_not_help():
 def test_reference_gradients_agree_with_finite_differences_and_torch():
     """The checkers' truth: qkv.np's backward on every case matches centred differences of the
     forward, and torch.autograd (so a message about finite differences is about the truth)."""
-    pairs = [_pair(ex) for ex in ch09.EXERCISES]
+    pairs = [_pair(ex) for ex in ch09.EXERCISES[:5]]  # the derived four: test_ch09_derived.py
     cases = [ch09._linear_cases, ch09._softmax_cases, ch09._ce_cases, ch09._ln_cases,
              ch09._attention_cases]
     torch_fns = [lambda x, w, b: x @ w + b, lambda x: torch.softmax(x, -1),

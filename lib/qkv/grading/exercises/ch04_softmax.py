@@ -237,3 +237,81 @@ SOFTMAX_TEMPERATURE = Exercise(
 
 
 EXERCISES = [SOFTMAX, ATTENTION_SCORES, SOFTMAX_TEMPERATURE]
+
+
+# --- the softmax Jacobian (derived in the chapter, not shown as code) ----------------------------
+
+
+def _reference_jacobian(x):
+    # No qkv.np function builds the Jacobian; this is the chapter's derivation:
+    # d p_i / d x_j = p_i (delta_ij - p_j), i.e. diag(p) - p p^T for every row.
+    p = _t.ref_softmax(x)  # (..., n)
+    eye = np.eye(p.shape[-1])
+    return p[..., :, None] * (eye - p[..., None, :])  # (..., n, n)
+
+
+def _jacobian_mistakes(x):
+    p = _t.ref_softmax(x)
+    eye = np.eye(p.shape[-1])
+    outer = p[..., :, None] * p[..., None, :]  # (..., n, n): p_i p_j
+    yield Mistake(
+        "{name} keeps only the diagonal, p_j (1 - p_j): raising score j also LOWERS every other "
+        "weight p_i, at the rate -p_i p_j, so the off-diagonal entries are not 0.",
+        lambda x: eye * (p * (1 - p))[..., None, :])
+    yield Mistake(
+        "{name} gives the off-diagonal entries the wrong sign: raising score j takes weight from "
+        "every other entry, so d p_i / d x_j = -p_i p_j for i != j (negative).",
+        lambda x: eye * (p * (1 - p))[..., None, :] + (1 - eye) * outer)
+    yield Mistake(
+        "{name} misses the diagonal's own term: on the diagonal the top of the fraction e^x_j / S "
+        "changes too, which adds p_j, so entry (j, j) is p_j - p_j^2 = p_j (1 - p_j), not -p_j^2.",
+        lambda x: -outer)
+    yield Mistake(
+        "{name} uses p_i (1 - p_j) for every entry; that is only right on the diagonal. For "
+        "i != j only the denominator changes: d p_i / d x_j = -p_i p_j.",
+        lambda x: p[..., :, None] * (1 - p[..., None, :]))
+    yield Mistake(
+        "{name} builds the table from the scores x instead of the softmax weights p = softmax(x): "
+        "every slope is written with the probabilities.",
+        lambda x: x[..., :, None] * (eye - x[..., None, :]))
+    yield Mistake(
+        "{name} is not numerically stable: for {case} its softmax overflows (exp(1000) is inf). "
+        + _STABLE_FIX,
+        lambda x: (lambda q: q[..., :, None] * (eye - q[..., None, :]))(
+            plain_softmax(x, stable=False)))
+
+
+def _jacobian_cases(hidden: bool):
+    if not hidden:
+        rng = _t.default_rng(4)
+        return [
+            Case((np.log(np.array([0.7, 0.2, 0.1])),), ("x",),
+                 "softmax(x) = (0.7, 0.2, 0.1) here; the chapter works this row out by hand."),
+            Case((_normal(rng, 2, 5),), ("x",),
+                 "x has 2 rows of 5 scores: the result is (2, 5, 5), one table per row."),
+            Case((_normal(rng, 2, 3, 4, scale=2.0) + 1000.0,), ("x",),
+                 "x is a batch, (2, 3, 4), with scores near 1000: the softmax must be stable."),
+        ]
+    rng = _t.default_rng(104)
+    return [
+        Case((_normal(rng, 6),), ("x",)),
+        Case((_normal(rng, 3, 1),), ("x",), "Rows of one score: each weight is 1 and never moves."),
+        Case((_normal(rng, 2, 2, 3, 5, scale=3.0),), ("x",)),
+        Case((_normal(rng, 4, 7, dtype=np.float32),), ("x",), "x is float32 here."),
+        Case((rng.uniform(-1e4, 1e4, size=(2, 4)),), ("x",), "These scores are huge (up to 1e4)."),
+        Case((np.full((1, 4), 3.0),), ("x",), "Equal scores: every weight is 1/4."),
+    ]
+
+
+SOFTMAX_JACOBIAN = Exercise(
+    name="softmax_jacobian",
+    reference=_reference_jacobian,
+    visible=lambda: _jacobian_cases(False),
+    hidden=lambda: _jacobian_cases(True),
+    mistakes=_jacobian_mistakes,
+    doc="softmax_jacobian(x)[..., i, j] = d softmax(x)_i / d x_j over the last axis; "
+        "x (..., n) -> (..., n, n).",
+)
+
+
+EXERCISES.append(SOFTMAX_JACOBIAN)

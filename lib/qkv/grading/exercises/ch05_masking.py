@@ -350,3 +350,59 @@ CROSS_ENTROPY = Exercise(
 
 
 EXERCISES = [CAUSAL_MASK, ATTENTION, MAKE_TARGETS, CROSS_ENTROPY]
+
+
+# --- a sliding-window mask (derived from the chapter's rule; no finished code in the book) -----
+
+
+def _reference_window(seq, window):
+    # No qkv.np function builds it; the chapter's rule: j <= i and i - j < window.
+    return _tri(seq, lambda i, j: (j <= i) & (i - j < window))
+
+
+def _window_mistakes(seq, window):
+    yield Mistake(
+        "{name} is off by one: for {case} it lets each query see window + 1 keys. Query i may "
+        "see keys i - window + 1, ..., i (i - j < window, not i - j <= window).",
+        lambda s, w: _tri(s, lambda i, j: (j <= i) & (i - j <= w)))
+    yield Mistake(
+        "{name} is off by one: for {case} it lets each query see only window - 1 keys. The "
+        "window counts the query itself: keys i - window + 1, ..., i (i - j < window).",
+        lambda s, w: _tri(s, lambda i, j: (j <= i) & (i - j < w - 1)))
+    yield Mistake(
+        "{name} looks into the future: for {case} it allows keys after the query. A sliding "
+        "window is still causal: j <= i AND i - j < window.",
+        lambda s, w: _tri(s, lambda i, j: abs(i - j) < w))
+    yield Mistake(
+        "{name} ignores the window: for {case} it returned the plain causal mask. Also block "
+        "keys too far back: i - j < window.",
+        lambda s, w: _tri(s, lambda i, j: j <= i))
+    yield Mistake(
+        "{name} is transposed: for {case} the band sits above the diagonal. Row i is query i; "
+        "it may attend keys j with j <= i and i - j < window.",
+        lambda s, w: _tri(s, lambda i, j: (j >= i) & (j - i < w)))
+    yield Mistake(
+        "{name} marks the blocked positions with True; in this course True means 'may attend'.",
+        lambda s, w: ~_tri(s, lambda i, j: (j <= i) & (i - j < w)))
+
+
+def _window_cases(hidden: bool):
+    pairs = ((1, 1), (8, 2), (7, 10), (10, 4), (6, 6)) if hidden else ((5, 3), (4, 1), (7, 4))
+    return [Case((s, w), ("seq", "window"),
+                 "window >= seq here: nothing is too far back." if w >= s else
+                 "window = 1 here: each query sees only itself." if w == 1 else "")
+            for s, w in pairs]
+
+
+SLIDING_WINDOW_MASK = Exercise(
+    name="sliding_window_mask",
+    reference=_reference_window,
+    visible=lambda: _window_cases(False),
+    hidden=lambda: _window_cases(True),
+    mistakes=_window_mistakes,
+    output=Array("bool"),
+    doc="sliding_window_mask(seq, window) -> bool (seq, seq), True where query i may attend key "
+        "j: j <= i and i - j < window.",
+)
+
+EXERCISES.append(SLIDING_WINDOW_MASK)

@@ -412,3 +412,8 @@ MULTI_HEAD_ATTENTION_TORCH = Exercise(
 
 EXERCISES = [SPLIT_HEADS, MERGE_HEADS, MULTI_HEAD_ATTENTION, MHA_PARAM_COUNT,
              MULTI_HEAD_ATTENTION_TORCH]
+
+# A checkpoint's layout (GPT-NeoX's per-head q/k/v to [Q | K | V]), declared in its own file.
+from ._neox_layout import NEOX_TO_GPT2  # noqa: E402
+
+EXERCISES.append(NEOX_TO_GPT2)

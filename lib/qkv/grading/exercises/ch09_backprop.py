@@ -445,3 +445,14 @@ ATTENTION = Exercise(
 
 
 EXERCISES = [LINEAR, SOFTMAX, CROSS_ENTROPY, LAYER_NORM, ATTENTION]
+
+# The backward passes the chapter derives but does not write as code (GELU, the MLP, the
+# embedding, a whole block), declared in their own file to keep this one small.
+from ._backward_derived import (  # noqa: E402
+    BLOCK_BACKWARD,
+    EMBEDDING_BACKWARD,
+    GELU_BACKWARD,
+    MLP_BACKWARD,
+)
+
+EXERCISES += [GELU_BACKWARD, MLP_BACKWARD, EMBEDDING_BACKWARD, BLOCK_BACKWARD]
