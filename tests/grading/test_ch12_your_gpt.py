@@ -1,0 +1,340 @@
+"""Chapter 12's checkers: the solution passes, every catalogued mistake (written by hand, as a
+learner would, not by the checker's own switches) fails with its sentence, answers written
+differently pass, and through nbgrader a weak but runnable model gets partial credit."""
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from qkv.grading.exercises import ch12_your_gpt as C
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = REPO / "solutions" / "12-your-own-gpt" / "your_gpt.ipynb"
+ANSWERS = ("gpt-answer", "lr-answer", "eval-answer", "loop-answer", "sample-answer",
+           "np-helpers", "np-grads-answer", "np-train-answer")
+
+
+def _sources() -> dict:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    return {c.id: c.source for c in nb.cells}
+
+
+SOURCES = _sources()
+
+
+def _load(edits=(), cells=ANSWERS) -> dict:
+    """The solution's answer cells run in a fresh namespace, after replacing each (old, new)."""
+    ns = {}
+    exec(SOURCES["setup"], ns)
+    for cid in cells:
+        src = SOURCES[cid]
+        exec(src, ns)
+    for old, new in edits:
+        hits = [cid for cid in cells if old in SOURCES[cid]]
+        assert len(hits) == 1, f"edit {old!r} matches cells {hits}"
+        exec(SOURCES[hits[0]].replace(old, new), ns)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def solution():
+    return _load()
+
+
+def test_solution_passes(solution):
+    ns = solution
+    for hidden in (False, True):
+        C.check_gpt_module(ns["GPT"], hidden=hidden)
+        C.check_lr_at(ns["lr_at"], hidden=hidden)
+        C.check_evaluate(ns["evaluate"], hidden=hidden)
+        C.check_train(ns["train"], ns["make_optimizer"], hidden=hidden)
+        C.check_sample(ns["sample"], hidden=hidden)
+        C.check_gpt_loss_and_grads(ns["gpt_loss_and_grads"], hidden=hidden)
+        C.check_train_gpt_numpy(ns["train_gpt_numpy"], hidden=hidden)
+
+
+def test_loader_matches_reference_and_transformers():
+    """load_gpt2_weights puts the reference's weights in the learner's module: same logits as
+    qkv.pt.GPT and as Hugging Face's GPT2LMHeadModel (an independent implementation)."""
+    transformers = pytest.importorskip("transformers")
+    ns = _load(cells=("gpt-answer",))
+    config = C.GPTConfig(vocab_size=23, context_length=10, n_layer=2, n_head=2, d_model=12)
+    sd = C._random_gpt2_weights(config, seed=0)
+    mine = C.load_gpt2_weights(ns["GPT"](config), sd)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=23, n_positions=10, n_embd=12, n_layer=2, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5))
+    hf.load_state_dict(sd, strict=False)
+    hf.eval()
+    ids = torch.randint(23, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        np.testing.assert_allclose(mine(ids).numpy(), hf(ids).logits.numpy(),
+                                   **C.TOL["float32_model"])
+
+
+def test_loader_names_wrong_keys():
+    ns = _load(cells=("gpt-answer",))
+    config = C.GPTConfig(vocab_size=7, context_length=4, n_layer=1, n_head=1, d_model=4)
+    sd = C._random_gpt2_weights(config, seed=0)
+    model = ns["GPT"](config)
+    model.transformer.ln_f.extra = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(KeyError, match="transformer.ln_f.extra"):
+        C.load_gpt2_weights(model, sd)
+
+
+# --- the model: mistakes a learner makes, each named ------------------------------------------
+
+GPT_EDITS = {
+    "causal mask": [('scores = scores.masked_fill(future, float("-inf"))', "pass")],
+    "1/sqrt(d_head)": [("/ math.sqrt(d_head)", "")],
+    "unbiased variance": [("var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)",
+                           "var = x.var(dim=-1, keepdim=True)")],
+    "exact (erf) GELU": [("h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * "
+                          "(h + 0.044715 * h**3)))", "h = F.gelu(h)")],
+    "mixes positions": [(".view(batch, seq, self.n_head, d_head).transpose(1, 2)",
+                         ".reshape(batch, self.n_head, seq, d_head)")],
+    "post-LN": [("x = x + self.attn(self.ln_1(x))\n        return x + self.mlp(self.ln_2(x))",
+                 "x = self.ln_1(x + self.attn(x))\n        return self.ln_2(x + self.mlp(x))")],
+    "final layer norm": [("return self.transformer.ln_f(x) @ wte.T", "return x @ wte.T")],
+    "position embeddings": [("x = wte[token_ids] + self.transformer.wpe.weight[:seq]",
+                             "x = wte[token_ids]")],
+}
+
+
+@pytest.mark.parametrize("says", sorted(GPT_EDITS))
+def test_gpt_mistakes_are_named(says):
+    ns = _load(GPT_EDITS[says], cells=("gpt-answer",))
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        C.check_gpt_module(ns["GPT"])
+
+
+def test_forbidden_modules_and_functions_are_named():
+    ns = _load(cells=("gpt-answer",))
+
+    class EmbeddingGPT(ns["GPT"]):
+        def __init__(self, config):
+            super().__init__(config)
+            self.transformer.wte = torch.nn.Embedding(config.vocab_size, config.d_model)
+    with pytest.raises(AssertionError, match=r"torch\.nn\.Embedding at 'transformer\.wte'"):
+        C.check_gpt_module(EmbeddingGPT)
+
+    sdpa = _load([("scores = q @ k.transpose(-2, -1) / math.sqrt(d_head)  # (batch, n_head, "
+                   "seq, seq)", "return self.c_proj(F.scaled_dot_product_attention(q, k, v, "
+                   "is_causal=True).transpose(1, 2).reshape(batch, seq, d_model))")],
+                 cells=("gpt-answer",))
+    with pytest.raises(AssertionError, match="F.scaled_dot_product_attention"):
+        C.check_gpt_module(sdpa["GPT"])
+
+
+def test_gpt_written_differently_passes():
+    """einsum attention, torch.where masking, chunk instead of split, F.gelu(tanh)."""
+    ns = _load([
+        ("scores = q @ k.transpose(-2, -1) / math.sqrt(d_head)",
+         "scores = torch.einsum('bhqd,bhkd->bhqk', q, k) * d_head ** -0.5"),
+        ('scores = scores.masked_fill(future, float("-inf"))',
+         "scores = torch.where(future, torch.tensor(float('-inf')), scores)"),
+        ("q, k, v = self.c_attn(x).split(d_model, dim=-1)",
+         "q, k, v = self.c_attn(x).chunk(3, dim=-1)"),
+        ("h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))",
+         "h = F.gelu(h, approximate='tanh')"),
+    ], cells=("gpt-answer",))
+    C.check_gpt_module(ns["GPT"])
+    C.check_gpt_module(ns["GPT"], hidden=True)
+
+
+# --- schedule, evaluation, loop, sampling -----------------------------------------------------
+
+
+def test_lr_mistakes_are_named():
+    def zero_start(step, max_steps, warmup_steps, lr, min_lr):
+        if step < warmup_steps:
+            return lr * step / warmup_steps
+        r = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * r))
+
+    def to_zero(step, max_steps, warmup_steps, lr, min_lr):
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        r = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+        return lr * 0.5 * (1 + math.cos(math.pi * r))
+
+    with pytest.raises(AssertionError, match="starts at 0"):
+        C.check_lr_at(zero_start)
+    with pytest.raises(AssertionError, match="down to 0 instead of min_lr"):
+        C.check_lr_at(to_zero)
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        C.check_lr_at(lambda *a: (_ for _ in ()).throw(NotImplementedError()))
+
+
+LOOP_EDITS = {
+    "never clips": [("        torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                     "s[\"grad_clip\"])\n", "")],
+    "never zeroes": [("        optimizer.zero_grad()\n", "")],
+    "constant learning rate": [("group[\"lr\"] = rate", "group[\"lr\"] = s[\"lr\"]")],
+    "restarts at every call": [("rate = lr_at(step, ", "rate = lr_at(step - first_step, ")],
+}
+
+
+@pytest.mark.parametrize("says", sorted(LOOP_EDITS))
+def test_loop_mistakes_are_named(solution, says):
+    ns = _load(LOOP_EDITS[says], cells=("lr-answer", "eval-answer", "loop-answer"))
+    with pytest.raises(AssertionError, match=says):
+        C.check_train(ns["train"])
+
+
+def test_optimizer_that_decays_everything_is_named(solution):
+    def make_optimizer(model, lr, weight_decay):
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99),
+                                 weight_decay=weight_decay)
+
+    with pytest.raises(AssertionError, match="decay matrices"):
+        C.check_train(solution["train"], make_optimizer)
+
+
+def test_evaluate_mistakes_are_named(solution):
+    last = _load([("return torch.stack(losses).mean().item()", "return losses[-1].item()")],
+                 cells=("eval-answer",))
+    with pytest.raises(AssertionError, match="last batch only"):
+        C.check_evaluate(last["evaluate"])
+    stays = _load([("    model.train(was_training)\n", "")], cells=("eval-answer",))
+    with pytest.raises(AssertionError, match="eval mode"):
+        C.check_evaluate(stays["evaluate"])
+
+
+SAMPLE_EDITS = {
+    "stop right after producing eos_id": [("        if token == eos_id:\n            break\n",
+                                           "")],
+    "more than context_length": [("ids[-model.config.context_length:]", "ids")],
+    "softmax(logits / temperature)": [("logits / temperature", "logits")],
+}
+
+
+@pytest.mark.parametrize("says", sorted(SAMPLE_EDITS))
+def test_sample_mistakes_are_named(says):
+    ns = _load(SAMPLE_EDITS[says], cells=("sample-answer",))
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        C.check_sample(ns["sample"])
+
+
+# --- NumPy ------------------------------------------------------------------------------------
+
+
+def test_numpy_gradient_mistakes_are_named():
+    tied = _load([("dwte = qnp.embed_backward(dh, embed_cache)[\"dtable\"] + g_unembed[\"dw\"].T",
+                   "dwte = qnp.embed_backward(dh, embed_cache)[\"dtable\"]")],
+                 cells=("np-helpers", "np-grads-answer"))
+    with pytest.raises(AssertionError, match="misses the unembedding"):
+        C.check_gpt_loss_and_grads(tied["gpt_loss_and_grads"])
+    mean = _load([("dwpe[:seq] = dh.sum(axis=0)", "dwpe[:seq] = dh.mean(axis=0)")],
+                 cells=("np-helpers", "np-grads-answer"))
+    with pytest.raises(AssertionError, match="averaged over the batch"):
+        C.check_gpt_loss_and_grads(mean["gpt_loss_and_grads"])
+
+    def copied(params, x, y, n_head):
+        loss, cache = C.qnp.gpt_loss_forward(x, y, params, n_head)
+        return loss, C.qnp.gpt_loss_backward(cache)
+
+    with pytest.raises(AssertionError, match="the answer itself"):
+        C.check_gpt_loss_and_grads(copied)
+
+
+NP_TRAIN_EDITS = {
+    "without gradient clipping": [("grads = {k: g * scale for k, g in grads.items()}", "")],
+    "beta2 = 0.999": [("beta2=0.99,", "beta2=0.999,")],
+    "without the bias corrections": [("m_hat = new_m[name] / (1 - beta1**t)",
+                                      "m_hat = new_m[name]"),
+                                     ("v_hat = new_v[name] / (1 - beta2**t)",
+                                      "v_hat = new_v[name]")],
+}
+
+
+@pytest.mark.parametrize("says", sorted(NP_TRAIN_EDITS))
+def test_numpy_training_mistakes_are_named(says):
+    ns = _load(cells=("np-helpers", "np-grads-answer"))
+    src = SOURCES["np-train-answer"]
+    for old, new in NP_TRAIN_EDITS[says]:
+        assert old in src
+        src = src.replace(old, new)
+    exec(src, ns)
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        C.check_train_gpt_numpy(ns["train_gpt_numpy"])
+
+
+def test_numpy_training_written_with_qkv_adamw_passes():
+    """A different but valid AdamW: qkv.np.adamw_step on the nested params."""
+    ns = _load(cells=("np-helpers", "np-grads-answer"))
+
+    def train_gpt_numpy(params, n_head, batches, lr, weight_decay, grad_clip):
+        state, losses = None, []
+        for step, (x, y) in enumerate(batches):
+            loss, grads = ns["gpt_loss_and_grads"](params, x, y, n_head)
+            grads, _ = C.qnp.clip_grad_norm(grads, grad_clip)
+            params, state = C.qnp.adamw_step(params, grads, state, lr(step), (0.9, 0.99),
+                                             weight_decay=weight_decay)
+            losses.append(loss)
+        return params, losses
+
+    C.check_train_gpt_numpy(train_gpt_numpy)
+
+
+# --- the trained model: partial credit ----------------------------------------------------------
+
+
+def test_untrained_model_misses_every_target_and_says_by_how_much():
+    ns = _load(cells=("gpt-answer",))
+    tok, _, _, name = C.course_data()
+    config = C.GPTConfig(vocab_size=tok.vocab_size, context_length=64, n_layer=1, n_head=1,
+                         d_model=8)
+    torch.manual_seed(0)
+    model = ns["GPT"](config)
+    loss = C.validation_loss(model)
+    assert abs(loss - math.log(tok.vocab_size)) < 0.05  # untrained: about ln(vocab)
+    for part in (1, 2, 3):
+        target = C.TARGETS[name][part - 1]
+        with pytest.raises(AssertionError, match=f"misses this part's target of {target:.2f} "
+                                                 f"\\({name}\\) by {loss - target:.3f}"):
+            C.check_trained_gpt(model, part)
+
+
+@pytest.mark.slow
+def test_nbgrader_full_zero_and_partial_credit(tmp_path):
+    """Through nbgrader with the 30 s cell limit: the solution scores full marks, the untouched
+    release zero, and a weak but runnable model (300 steps instead of 900) keeps part 1 of the
+    trained-model targets and loses parts 2 and 3, with the message saying by how much."""
+    from qkv.grading.driver import Grader
+
+    subs = tmp_path / "submissions"
+    chapter = "12-your-own-gpt"
+    weak = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in weak.cells:
+        if cell.id == "run-setup":
+            cell.source = cell.source.replace("max_steps=900", "max_steps=300")
+    for student, nb in (("solution", nbformat.read(NOTEBOOK, as_version=4)),
+                        ("untouched", nbformat.read(REPO / "exercises" / chapter /
+                                                    "your_gpt.ipynb", as_version=4)),
+                        ("weak", weak)):
+        dest = subs / student / chapter / "your_gpt.ipynb"
+        dest.parent.mkdir(parents=True)
+        nbformat.write(nb, dest)
+    out = tmp_path / "_grading"
+    Grader(subs, root=REPO, timeout=30, grading_dir=out, log=lambda *a: None).run()
+    rows = {r["student"]: r for r in csv.DictReader(open(out / "grades.csv"))
+            if r["chapter"] == chapter}
+    assert all(r["status"] == "graded" for r in rows.values()), rows
+    full = float(rows["solution"]["max_score"])
+    assert float(rows["solution"]["score"]) == full, rows
+    assert float(rows["untouched"]["score"]) == 0, rows
+    if C.course_data()[3] != "tiny Shakespeare":
+        return  # the weak run's numbers below were measured on tiny Shakespeare
+    # the weak model loses exactly the 4 points of targets 2 and 3
+    assert float(rows["weak"]["score"]) == full - 4, rows
+    feedback = (out / "feedback" / "weak" / chapter / "your_gpt.html").read_text()
+    assert "misses this part&#39;s target of 2.15" in feedback or \
+        "misses this part's target of 2.15" in feedback
+
