@@ -16,862 +16,95 @@ one plain sentence when wrong. Each catalogue of mistakes is a dict name -> (wha
 switch of the one reference written here), so the reference and its variants share their code.
 """
 
-import contextlib
-import io
-import math
-import sys
-import warnings
+from qkv.pt import GPTConfig, load_gpt2_weights  # noqa: F401  (the tests reach them here)
+from qkv.tolerances import TOL  # noqa: F401
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
+from ..engine import Case
+from ..exercise import Exercise
+from ..kinds import Judged
+from ._ch12_model import (  # noqa: F401
+    TARGETS,
+    _judge_gpt_module,
+    _judge_sample,
+    _judge_trained_gpt,
+    _random_gpt2_weights,
+    course_data,
+    validation_loss,
+)
+from ._ch12_training import (  # noqa: F401
+    _judge_evaluate,
+    _judge_gpt_loss_and_grads,
+    _judge_lr_at,
+    _judge_make_optimizer,
+    _judge_train,
+    _judge_train_gpt_numpy,
+    qnp,
+)
 
-import qkv.np as qnp
-from qkv.data import CharTokenizer, course_text, get_batch, mark_ends, split
-from qkv.pt import GPT as RefGPT
-from qkv.pt import GPTConfig, load_gpt2_weights
-from qkv.tolerances import TOL
-from qkv.train import TrainConfig
-from qkv.train import lr_at as _ref_lr_at
-
-FORBIDDEN_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embedding)
-FORBIDDEN_FUNCTIONS = {F.scaled_dot_product_attention: "F.scaled_dot_product_attention"}
-
-# The validation loss (nats per character, mean over EVAL_BATCHES fixed windows) that each graded
-# part asks for, per corpus: part 1 beats a bigram model, part 3 is what the notebook's settings
-# reach (900 steps; the solution measured 1.97 on tiny Shakespeare), with a margin for seeds.
-TARGETS = {"tiny Shakespeare": (2.40, 2.15, 2.05), "builtin grammar": (1.00, 0.80, 0.70)}
-EVAL_BATCHES, EVAL_BATCH, EVAL_CONTEXT, EVAL_SEED = 20, 16, 64, 12345
-
-
-# ==============================================================================================
-# Shared steps: call quietly, name what was raised, compare
+# The declarations: one Exercise per graded answer, each judged by the functions above
 # ==============================================================================================
 
 
-def _call(name: str, fn, *args, **kwargs):
-    """fn(*args) with warnings and prints swallowed; an exception becomes a sentence."""
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            return fn(*args, **kwargs)
-    except NotImplementedError as exc:
-        if not str(exc):
-            raise AssertionError(f"{name} is not implemented yet (it raised "
-                                 f"NotImplementedError): replace `raise NotImplementedError()` "
-                                 f"with your code.") from None
-        raise AssertionError(f"{name} raised NotImplementedError: {exc}") from None
-    except AssertionError:
-        raise
-    except Exception as exc:  # the learner's error, reported as a failed test
-        raise AssertionError(f"{name} raised {type(exc).__name__}: {exc}") from None
+def _flag(value):
+    return lambda: [Case((value,), ("hidden",))]
+
+
+def _judged(body, what):
+    def judge(ex, learner, cases):
+        for case in cases:
+            body(learner.fn, hidden=case.args[0])
+    return Judged(judge, what)
+
+
+def _target(part):
+    def judge(ex, learner, cases):
+        _judge_trained_gpt(learner.fn, part)
+    low, mid, high = TARGETS["tiny Shakespeare"]
+    return Exercise(
+        name="model", reference=None, visible=_flag(False), hidden=lambda: [],
+        output=Judged(judge, f"its validation loss meets target {part} of 3"),
+        backends=("torch",), check=f"check_gpt_target_{part}",
+        doc=f"Your trained GPT's validation loss (the checker's 20 fixed batches) is at most "
+            f"target {part} (tiny Shakespeare: {(low, mid, high)[part - 1]} nats per "
+            f"character; the grammar text: {TARGETS['builtin grammar'][part - 1]}).")
+
+
+def _exercise(name, check, body, what, doc, backends=("torch",)):
+    return Exercise(name=name, reference=None, visible=_flag(False), hidden=_flag(True),
+                    output=_judged(body, what), backends=backends, check=check, doc=doc)
+
+
+EXERCISES = [
+    _exercise("GPT", "check_gpt_module", _judge_gpt_module,
+              "is built from nn.Parameter and tensor operations, and with GPT-2's weights "
+              "gives qkv.pt.GPT's logits",
+              "GPT(config): token ids (batch, seq) -> logits (batch, seq, vocab), GPT-2's "
+              "architecture and parameter names, no nn.Linear/LayerNorm/Embedding/"
+              "MultiheadAttention or F.scaled_dot_product_attention."),
+    _exercise("lr_at", "check_lr_at", _judge_lr_at, "matches qkv.train.lr_at at every step",
+              "lr_at(step, max_steps, warmup_steps, lr, min_lr): linear warm-up, then a "
+              "cosine down to min_lr."),
+    _exercise("evaluate", "check_evaluate", _judge_evaluate,
+              "gives the mean loss over the fixed batches",
+              "evaluate(model, ids, batch_size, context, n_batches, seed) -> mean loss (float)."),
+    _exercise("make_optimizer", "check_make_optimizer", _judge_make_optimizer,
+              "is AdamW with betas (0.9, 0.99) that decays matrices only",
+              "make_optimizer(model, lr, weight_decay) -> torch.optim.AdamW, two groups."),
+    _exercise("train", "check_train", _judge_train,
+              "gives the reference loop's losses, evaluations and weights, in two calls",
+              "train(model, optimizer, train_ids, val_ids, gen, first_step, last_step, s) -> "
+              "(losses, evals)."),
+    _target(1), _target(2), _target(3),
+    _exercise("sample", "check_sample", _judge_sample,
+              "stops after the end token, crops to the context and uses the temperature",
+              "sample(model, prompt_ids, max_new_tokens, temperature, eos_id, gen) -> ids."),
+    _exercise("gpt_loss_and_grads", "check_gpt_loss_and_grads", _judge_gpt_loss_and_grads,
+              "gives qkv.np's loss and every gradient",
+              "gpt_loss_and_grads(params, x, y, n_head) -> (loss, grads shaped like params).",
+              backends=("numpy",)),
+    _exercise("train_gpt_numpy", "check_train_gpt_numpy", _judge_train_gpt_numpy,
+              "gives qkv.np.train_numpy's loss at every step",
+              "train_gpt_numpy(params, n_head, batches, lr, weight_decay, grad_clip) -> "
+              "(params, losses).", backends=("numpy",)),
+]
 
-
-def _function(name: str, fn) -> None:
-    if not callable(fn):
-        raise AssertionError(f"{name} should be a function, but it is a {type(fn).__name__}. "
-                             f"Define it with `def {name}(...):`.")
-
-
-def _close(a, b, tol: str) -> bool:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return a.shape == b.shape and bool(np.allclose(a, b, **TOL[tol]))
-
-
-def _diagnose(got, variants: dict, tol: str):
-    """The sentence of the first variant whose output matches ``got``, else None."""
-    for says, out in variants.items():
-        if out is not None and _close(got, out, tol):
-            return says
-    return None
-
-
-# ==============================================================================================
-# (a) The GPT module
-# ==============================================================================================
-
-
-def _gpt_configs(hidden: bool):
-    if hidden:
-        return [GPTConfig(vocab_size=17, context_length=12, n_layer=3, n_head=4, d_model=16),
-                GPTConfig(vocab_size=5, context_length=4, n_layer=1, n_head=1, d_model=6)]
-    return [GPTConfig(vocab_size=11, context_length=8, n_layer=2, n_head=2, d_model=8)]
-
-
-def _random_gpt2_weights(config: GPTConfig, seed: int) -> dict:
-    """GPT-2-format weights large enough that every piece (mask, scale, norms) shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        ref = RefGPT(config, generator=gen)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1.0 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return {k: v.detach().clone() for k, v in ref.to_gpt2_state_dict().items()}
-
-
-def _heads(t, n_head, *, transpose=True):
-    """(..., seq, d_model) -> (..., n_head, seq, d_head)."""
-    *lead, seq, d_model = t.shape
-    if not transpose:  # the classic slip: a reshape that cuts across positions
-        return t.reshape(*lead, n_head, seq, d_model // n_head)
-    return t.reshape(*lead, seq, n_head, d_model // n_head).transpose(-3, -2)
-
-
-def _norm(x, w, b, unbiased=False):
-    mean = x.mean(-1, keepdim=True)
-    var = x.var(-1, keepdim=True, unbiased=unbiased)
-    return (x - mean) / torch.sqrt(var + 1e-5) * w + b
-
-
-def _gelu(h, exact=False):
-    if exact:
-        return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-    return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
-
-
-def _gpt_logits(sd: dict, ids, n_head: int, *, mask=True, scale=True, pre_ln=True,
-                final_ln=True, positions=True, unbiased=False, exact_gelu=False,
-                transpose=True, residual=True):
-    """GPT-2's forward from a state dict (float64), with one switch per known mistake."""
-    wte, wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
-    seq = ids.shape[-1]
-    x = wte[ids] + (wpe[:seq] if positions else 0)
-    n_layer = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
-    for i in range(n_layer):
-        p = {k[len(f"transformer.h.{i}."):]: v for k, v in sd.items()
-             if k.startswith(f"transformer.h.{i}.")}
-
-        def ln(t, which):
-            return _norm(t, p[f"{which}.weight"], p[f"{which}.bias"], unbiased)
-
-        def attn(t):
-            d_model = t.shape[-1]
-            q, k, v = (t @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]).split(d_model, -1)
-            q, k, v = (_heads(z, n_head, transpose=transpose) for z in (q, k, v))
-            s = q @ k.transpose(-2, -1)
-            if scale:
-                s = s / math.sqrt(d_model // n_head)
-            if mask:
-                s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
-            o = torch.softmax(s, -1) @ v  # (..., n_head, seq, d_head)
-            o = o.transpose(-3, -2).reshape(*t.shape)
-            return o @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]
-
-        def ffn(t):
-            h = _gelu(t @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"], exact_gelu)
-            return h @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"]
-
-        if pre_ln:
-            x = (x if residual else 0) + attn(ln(x, "ln_1"))
-            x = (x if residual else 0) + ffn(ln(x, "ln_2"))
-        else:
-            x = ln(x + attn(x), "ln_1")
-            x = ln(x + ffn(x), "ln_2")
-    if final_ln:
-        x = _norm(x, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"], unbiased)
-    return x @ wte.T
-
-
-GPT_MISTAKES = {
-    "mask": "GPT's logits match a model WITHOUT the causal mask: every position can see the "
-            "tokens after it. Set the scores above the diagonal to -inf before the softmax.",
-    "scale": "GPT's logits match attention without the 1/sqrt(d_head) scale on the scores.",
-    "pre_ln": "GPT's logits match a post-LN block (x = ln(x + attn(x))). GPT-2's block is pre-LN: "
-              "x = x + attn(ln_1(x)), then x = x + mlp(ln_2(x)).",
-    "final_ln": "GPT's logits match a model without the final layer norm (ln_f) before the "
-                "unembedding.",
-    "positions": "GPT's logits match a model that never adds the position embeddings (wpe).",
-    "unbiased": "GPT's layer norm uses the unbiased variance (divide by d_model - 1); GPT-2 "
-                "divides by d_model (x.var(-1, unbiased=False), or the mean of the squares).",
-    "exact_gelu": "GPT's MLP uses the exact (erf) GELU; GPT-2 uses the tanh approximation "
-                  "0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))).",
-    "transpose": "GPT splits the heads with a reshape straight to (n_head, seq, d_head): that "
-                 "mixes positions. Reshape to (seq, n_head, d_head), then swap those two axes.",
-    "residual": "GPT's logits match a block without the residual connections (x + ...).",
-}
-
-
-class _Recorder(TorchFunctionMode):
-    """Records which forbidden torch functions a forward calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.used = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in FORBIDDEN_FUNCTIONS:
-            self.used.add(FORBIDDEN_FUNCTIONS[func])
-        return func(*args, **(kwargs or {}))
-
-
-def _forbidden_modules(model) -> list[str]:
-    return [f"{type(m).__module__.split('.')[0]}.nn.{type(m).__name__} at "
-            f"'{name or 'the model'}'" for name, m in model.named_modules()
-            if isinstance(m, FORBIDDEN_MODULES)]
-
-
-def _check_from_scratch(model) -> None:
-    if isinstance(model, RefGPT):
-        raise AssertionError("GPT is the course's qkv.pt.GPT: write your own class.")
-    used = _forbidden_modules(model)
-    if used:
-        raise AssertionError(f"GPT uses {', '.join(used)}. This chapter builds every layer from "
-                             f"nn.Parameter and tensor operations (no nn.Linear, nn.LayerNorm, "
-                             f"nn.MultiheadAttention, nn.Embedding).")
-
-
-def check_gpt_module(GPT, hidden: bool = False) -> None:
-    """GPT(config) built from nn.Parameter and tensor ops; GPT-2 weights give qkv.pt.GPT's logits."""
-    _function("GPT", GPT)
-    for i, config in enumerate(_gpt_configs(hidden)):
-        model = _call("GPT(config)", GPT, config)
-        if not isinstance(model, nn.Module):
-            raise AssertionError(f"GPT(config) should be an nn.Module; it is a "
-                                 f"{type(model).__name__}.")
-        _check_from_scratch(model)
-        sd = _random_gpt2_weights(config, seed=100 + i + 10 * hidden)
-        try:
-            load_gpt2_weights(model, sd)
-        except (KeyError, ValueError) as exc:
-            raise AssertionError(f"GPT-2's weights do not load into your GPT: {exc.args[0]}. "
-                                 f"Name the parameters as GPT-2 does (see the task).") from None
-        model = model.float()
-        gen = torch.Generator().manual_seed(7 + i)
-        batch = 3 if hidden else 2
-        for seq in (config.context_length, max(1, config.context_length // 2)):
-            ids = torch.randint(config.vocab_size, (batch, seq), generator=gen)
-            recorder = _Recorder()
-            with torch.no_grad(), recorder:
-                got = _call("GPT's forward", model, ids)
-            if recorder.used:
-                raise AssertionError(f"GPT's forward calls {', '.join(sorted(recorder.used))}. "
-                                     f"Write attention from matrix products, a mask and a "
-                                     f"softmax.")
-            if not isinstance(got, torch.Tensor):
-                raise AssertionError(f"GPT's forward should return the logits tensor; it "
-                                     f"returned {type(got).__name__}.")
-            shape = (batch, seq, config.vocab_size)
-            if tuple(got.shape) != shape:
-                raise AssertionError(f"GPT's forward on token ids of shape {(batch, seq)} should "
-                                     f"return logits of shape (batch, seq, vocab) = {shape}; got "
-                                     f"{tuple(got.shape)}.")
-            sd64 = {k: v.double() for k, v in sd.items()}
-            expected = _gpt_logits(sd64, ids, config.n_head)
-            got = got.detach().double()
-            if _close(got, expected, "float32_model"):
-                continue
-            variants = {says: _gpt_logits(sd64, ids, config.n_head,
-                                          **{flag: flag in ("unbiased", "exact_gelu")})
-                        for flag, says in GPT_MISTAKES.items()}
-            said = _diagnose(got, variants, "float32_model")
-            worst = (got - expected).abs().max().item()
-            raise AssertionError(said or (f"GPT's logits differ from GPT-2's (qkv.pt.GPT's) on "
-                                          f"ids of shape {(batch, seq)} with n_layer "
-                                          f"{config.n_layer}, n_head {config.n_head}: largest "
-                                          f"difference {worst:.3g}."))
-
-
-# ==============================================================================================
-# (b) Warm-up and cosine
-# ==============================================================================================
-
-
-def _lr_reference(step, max_steps, warmup_steps, lr, min_lr, *, warm="plus1", span="rest",
-                  floor=True):
-    if step < warmup_steps:
-        return lr * (step + (1 if warm == "plus1" else 0)) / warmup_steps
-    total = max_steps - warmup_steps if span == "rest" else max_steps
-    r = min(1.0, (step - warmup_steps) / max(1, total))
-    low = min_lr if floor else 0.0
-    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * r))
-
-
-LR_MISTAKES = {
-    "warm": ("the warm-up starts at 0 (lr * step / warmup_steps); the course's warm-up is "
-             "lr * (step + 1) / warmup_steps, so step 0 already learns", dict(warm="zero")),
-    "span": ("the cosine runs over max_steps instead of the max_steps - warmup_steps steps after "
-             "the warm-up", dict(span="all")),
-    "floor": ("the cosine goes down to 0 instead of min_lr", dict(floor=False)),
-}
-
-
-def check_lr_at(lr_at, hidden: bool = False) -> None:
-    """lr_at(step, max_steps, warmup_steps, lr, min_lr) equals qkv.train.lr_at at every step."""
-    _function("lr_at", lr_at)
-    cases = [(100, 10, 1e-2, 1e-3)] if not hidden else [(37, 5, 3e-3, 3e-5), (20, 1, 1.0, 0.5)]
-    for max_steps, warmup, lr, min_lr in cases:
-        cfg = TrainConfig(max_steps=max_steps, warmup_steps=warmup, lr=lr, min_lr=min_lr)
-        steps = range(max_steps + 3)
-        expected = [_ref_lr_at(s, cfg) for s in steps]
-        got = [_call("lr_at", lr_at, s, max_steps, warmup, lr, min_lr) for s in steps]
-        try:
-            got = [float(g) for g in got]
-        except (TypeError, ValueError):
-            raise AssertionError("lr_at should return a number (a float).") from None
-        if _close(got, expected, "float64"):
-            continue
-        for says, switch in LR_MISTAKES.values():
-            variant = [_lr_reference(s, max_steps, warmup, lr, min_lr, **switch) for s in steps]
-            if _close(got, variant, "float64"):
-                raise AssertionError(f"lr_at: {says}.")
-        bad = next(s for s in steps if not _close(got[s], expected[s], "float64"))
-        raise AssertionError(f"lr_at({bad}, max_steps={max_steps}, warmup_steps={warmup}, "
-                             f"lr={lr}, min_lr={min_lr}) should be {expected[bad]:.6g}; got "
-                             f"{got[bad]:.6g}.")
-
-
-# ==============================================================================================
-# (c) Evaluation, the optimizer and the training loop
-# ==============================================================================================
-
-
-def _tiny_model(seed: int, vocab=13, context=8):
-    config = GPTConfig(vocab_size=vocab, context_length=context, n_layer=1, n_head=2, d_model=8,
-                       fused=False)
-    with torch.random.fork_rng(devices=[]):
-        return RefGPT(config, generator=torch.Generator().manual_seed(seed)).double()
-
-
-def _toy_ids(seed: int, n: int = 300, vocab: int = 13):
-    """A toy text with structure (each token usually followed by the next one)."""
-    gen = torch.Generator().manual_seed(seed)
-    steps = torch.where(torch.rand(n, generator=gen) < 0.8, 1,
-                        torch.randint(vocab, (n,), generator=gen))
-    return torch.cumsum(steps, 0) % vocab
-
-
-@torch.no_grad()
-def _ref_evaluate(model, ids, batch_size, context, n_batches, seed, *, fresh=True, gen=None,
-                  last_only=False):
-    gen = torch.Generator().manual_seed(seed) if fresh else gen
-    losses = []
-    for _ in range(n_batches):
-        x, y = get_batch(ids, batch_size, context, gen)
-        logits = model(x)
-        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
-    return (losses[-1] if last_only else torch.stack(losses).mean()).item()
-
-
-def check_evaluate(evaluate, hidden: bool = False) -> None:
-    """evaluate(model, ids, batch_size, context, n_batches, seed) -> mean loss over fixed batches."""
-    _function("evaluate", evaluate)
-    for seed in ((1, 2) if hidden else (0,)):
-        model, ids = _tiny_model(seed), _toy_ids(seed)
-        model.train()
-        args = (ids, 4, 8, 5, 10 + seed)
-        expected = _ref_evaluate(model, *args)
-        got = _call("evaluate", evaluate, model, *args)
-        try:
-            got = float(got)
-        except (TypeError, ValueError):
-            raise AssertionError(f"evaluate should return one number (the mean loss, a float); "
-                                 f"it returned {type(got).__name__}.") from None
-        if not model.training:
-            raise AssertionError("evaluate left the model in eval mode: put it back with "
-                                 "model.train() (or model.train(was_training)) before returning.")
-        if any(p.grad is not None for p in model.parameters()):
-            raise AssertionError("evaluate computed gradients: run it under torch.no_grad().")
-        if _close(got, expected, "float64"):
-            continue
-        variants = {
-            "evaluate returns the loss of the last batch only: average the n_batches losses.":
-                _ref_evaluate(model, *args, last_only=True),
-            "evaluate draws its windows from torch's global generator: make a fresh "
-            "torch.Generator().manual_seed(seed) at each call, so that every evaluation sees "
-            "the same windows.": None,
-        }
-        said = _diagnose(got, variants, "float64")
-        raise AssertionError(said or (f"evaluate gave {got:.6f}; the mean loss over the "
-                                      f"{args[3]} windows batches drawn with "
-                                      f"torch.Generator().manual_seed({args[4]}) is "
-                                      f"{expected:.6f}."))
-
-
-def check_make_optimizer(make_optimizer) -> None:
-    """AdamW, betas (0.9, 0.99), decay on every matrix and no vector."""
-    _function("make_optimizer", make_optimizer)
-    model = _tiny_model(0)
-    opt = _call("make_optimizer", make_optimizer, model, 3e-3, 0.1)
-    if not isinstance(opt, torch.optim.AdamW):
-        raise AssertionError(f"make_optimizer should return a torch.optim.AdamW; it returned "
-                             f"{type(opt).__name__}.")
-    decay = {}
-    for group in opt.param_groups:
-        if tuple(group["betas"]) != (0.9, 0.99):
-            raise AssertionError(f"make_optimizer: use betas (0.9, 0.99); got "
-                                 f"{tuple(group['betas'])}.")
-        for p in group["params"]:
-            decay[id(p)] = group["weight_decay"]
-    for name, p in model.named_parameters():
-        want = 0.1 if p.ndim >= 2 else 0.0
-        if id(p) not in decay:
-            raise AssertionError(f"make_optimizer leaves out the parameter {name}.")
-        if decay[id(p)] != want:
-            kind = "a matrix" if p.ndim >= 2 else "a vector"
-            raise AssertionError(f"make_optimizer gives {name} ({kind}) weight decay "
-                                 f"{decay[id(p)]}; decay matrices (ndim >= 2) by weight_decay "
-                                 f"and vectors not at all.")
-
-
-def _settings(hidden: bool) -> dict:
-    return dict(batch_size=3, context=8, max_steps=12 if hidden else 10, warmup_steps=3,
-                lr=3e-2, min_lr=3e-3, grad_clip=0.5, weight_decay=0.1, eval_interval=4,
-                eval_batches=2)
-
-
-def _ref_optimizer(model, s):
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": s["weight_decay"]},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.99))
-
-
-def _ref_train(model, optimizer, train_ids, val_ids, gen, first, last, s, *, clip=True,
-               schedule=True, lr_shift=0, zero_grad=True, eval_shift=1, restart=False):
-    losses, evals = [], []
-    model.train()
-    for step in range(first, last):
-        at = (step - first if restart else step) + lr_shift
-        rate = _ref_lr_at(at, TrainConfig(max_steps=s["max_steps"], warmup_steps=s["warmup_steps"],
-                                          lr=s["lr"], min_lr=s["min_lr"])) if schedule else s["lr"]
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        x, y = get_batch(train_ids, s["batch_size"], s["context"], gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        if zero_grad:
-            optimizer.zero_grad()
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + eval_shift) % s["eval_interval"] == 0:
-            evals.append((step + eval_shift, _ref_evaluate(model, val_ids, s["batch_size"],
-                                                           s["context"], s["eval_batches"], 0)))
-    return losses, evals
-
-
-LOOP_MISTAKES = {
-    "clip": "the losses match a loop that never clips the gradient: call "
-            "torch.nn.utils.clip_grad_norm_(model.parameters(), s['grad_clip']) between "
-            "backward() and step().",
-    "schedule": "the losses match a loop with a constant learning rate: set every group's "
-                "'lr' to lr_at(step, ...) before each step.",
-    "lr_shift": "the learning rate is one step ahead: step `step` (from 0) uses lr_at(step, ...).",
-    "zero_grad": "the losses match a loop that never zeroes the gradients, so they pile up from "
-                 "step to step: call optimizer.zero_grad() before backward().",
-    "restart": "the schedule restarts at every call: use the run's step number (first_step, "
-               "first_step + 1, ...), not a count from 0 within the call.",
-}
-_LOOP_SWITCHES = {"clip": dict(clip=False), "schedule": dict(schedule=False),
-                  "lr_shift": dict(lr_shift=1), "zero_grad": dict(zero_grad=False),
-                  "restart": dict(restart=True)}
-
-
-def _run_loop(train_fn, s, seed, chunks, **switch):
-    """(losses, evals, final weights) of train_fn called on each chunk of one run."""
-    model, ids = _tiny_model(seed), _toy_ids(seed)
-    train_ids, val_ids = split(ids)
-    optimizer = _ref_optimizer(model, s)
-    gen = torch.Generator().manual_seed(seed)
-    losses, evals = [], []
-    for first, last in chunks:
-        if switch.get("learner"):
-            out = _call("train", train_fn, model, optimizer, train_ids, val_ids, gen, first,
-                        last, dict(s))
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise AssertionError("train should return two lists, (losses, evals).")
-            chunk_losses, chunk_evals = out
-        else:
-            chunk_losses, chunk_evals = _ref_train(model, optimizer, train_ids, val_ids, gen,
-                                                   first, last, s, **switch)
-        losses += [float(v) for v in chunk_losses]
-        evals += [(int(a), float(b)) for a, b in chunk_evals]
-    return losses, evals, torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def check_train(train, make_optimizer=None, hidden: bool = False) -> None:
-    """train(model, optimizer, train_ids, val_ids, gen, first_step, last_step, s), called on two
-    chunks of one run, gives the reference loop's losses, evaluations and weights."""
-    _function("train", train)
-    if make_optimizer is not None:
-        check_make_optimizer(make_optimizer)
-    s = _settings(hidden)
-    seed = 5 if hidden else 3
-    split_at = 7 if hidden else 4
-    chunks = [(0, split_at), (split_at, s["max_steps"])]
-    try:
-        losses, evals, weights = _run_loop(train, s, seed, chunks, learner=True)
-    except (TypeError, ValueError) as exc:
-        raise AssertionError(f"train returned something that is not (losses, evals), a list of "
-                             f"floats and a list of (step, val_loss) pairs: {exc}") from None
-    ref_losses, ref_evals, ref_weights = _run_loop(None, s, seed, chunks)
-    n = s["max_steps"]
-    if len(losses) != n:
-        raise AssertionError(f"train should return one loss per step: called for steps 0-"
-                             f"{split_at - 1} and {split_at}-{n - 1}, it returned {len(losses)} "
-                             f"losses in all, not {n}.")
-    if _close(losses, ref_losses, "float64") and _close(weights, ref_weights, "float64"):
-        want = [a for a, _ in ref_evals]
-        if [a for a, _ in evals] != want:
-            raise AssertionError(f"train should evaluate after every {s['eval_interval']} steps "
-                                 f"of the run, at steps {want} (counting steps done); it "
-                                 f"evaluated at {[a for a, _ in evals]}.")
-        if not _close([b for _, b in evals], [b for _, b in ref_evals], "float64"):
-            raise AssertionError("train's evaluations differ from evaluate(model, val_ids, "
-                                 "batch_size, context, eval_batches, seed=0) after those steps.")
-        return
-    for flag, says in LOOP_MISTAKES.items():
-        variant, _, _ = _run_loop(None, s, seed, chunks, **_LOOP_SWITCHES[flag])
-        if _close(losses, variant, "float64"):
-            raise AssertionError(f"train: {says}")
-    bad = next(i for i in range(n) if not _close(losses[i], ref_losses[i], "float64"))
-    raise AssertionError(f"train's loss at step {bad} is {losses[bad]:.6f}; the reference loop "
-                         f"gets {ref_losses[bad]:.6f} (each step: lr_at, a batch with "
-                         f"get_batch(train_ids, batch_size, context, gen), cross-entropy, "
-                         f"zero_grad, backward, clip, step).")
-
-
-# ==============================================================================================
-# (d) The trained model: three targets, one graded cell each
-# ==============================================================================================
-
-
-def course_data():
-    """(tokenizer, train_ids, val_ids, corpus name), exactly as the notebook builds them."""
-    text, name = course_text()
-    marked = mark_ends(text)
-    tok = CharTokenizer.from_text(marked, eot="<|endoftext|>")
-    ids = torch.tensor(tok.encode(marked), dtype=torch.long)
-    train_ids, val_ids = split(ids)
-    return tok, train_ids, val_ids, name
-
-
-_VAL_CACHE = {}
-
-
-def validation_loss(model) -> float:
-    """The checker's own measure: mean loss over EVAL_BATCHES fixed validation windows."""
-    if "data" not in _VAL_CACHE:
-        _VAL_CACHE["data"] = course_data()
-    _, _, val_ids, _ = _VAL_CACHE["data"]
-    context = min(EVAL_CONTEXT, int(getattr(getattr(model, "config", None), "context_length",
-                                            EVAL_CONTEXT)))
-    was_training = model.training
-    model.eval()
-    try:
-        return _call("your trained GPT", _ref_evaluate, model, val_ids, EVAL_BATCH, context,
-                     EVAL_BATCHES, EVAL_SEED)
-    finally:
-        model.train(was_training)
-
-
-def check_trained_gpt(model, part: int) -> None:
-    """Part 1, 2 or 3: the validation loss of the learner's trained model is within TARGETS."""
-    if not isinstance(model, nn.Module):
-        raise AssertionError(f"model should be your trained GPT (an nn.Module); it is a "
-                             f"{type(model).__name__}.")
-    _check_from_scratch(model)
-    if "data" not in _VAL_CACHE:
-        _VAL_CACHE["data"] = course_data()
-    name = _VAL_CACHE["data"][3]
-    target = TARGETS[name][part - 1]
-    loss = validation_loss(model)
-    if not math.isfinite(loss):
-        raise AssertionError(f"your GPT's validation loss is {loss}: training diverged (try a "
-                             f"smaller learning rate, and check the clipping).")
-    if loss > target:
-        raise AssertionError(f"validation loss {loss:.3f} misses this part's target of "
-                             f"{target:.2f} ({name}) by {loss - target:.3f} nats per character.")
-
-
-# ==============================================================================================
-# (e) Sampling that stops at the end token
-# ==============================================================================================
-
-
-class _NextModel(nn.Module):
-    """A toy model: strong logits for (last token + 1) % vocab, or fixed logits; refuses
-    windows longer than its context."""
-
-    def __init__(self, vocab, context, fixed=None):
-        super().__init__()
-        self.config = GPTConfig(vocab_size=vocab, context_length=context, n_layer=1, n_head=1,
-                                d_model=2)
-        self.vocab, self.context, self.fixed = vocab, context, fixed
-        self.longest = 0
-
-    def forward(self, ids):
-        self.longest = max(self.longest, ids.shape[-1])  # a real GPT would raise past context
-        if self.fixed is not None:
-            return self.fixed.expand(*ids.shape, self.vocab).clone()
-        return 60.0 * F.one_hot((ids + 1) % self.vocab, self.vocab).double()
-
-
-def _sample_ids(sample, model, prompt, max_new, temperature, eos_id, seed):
-    original = list(prompt)
-    gen = torch.Generator().manual_seed(seed)
-    out = _call("sample", sample, model, prompt, max_new, temperature, eos_id, gen)
-    if prompt != original:
-        raise AssertionError("sample changed the prompt list it was given: copy it first "
-                             "(ids = list(prompt_ids)).")
-    try:
-        return [int(t) for t in out]
-    except (TypeError, ValueError):
-        raise AssertionError(f"sample should return a list of token ids; it returned "
-                             f"{type(out).__name__}.") from None
-
-
-def check_sample(sample, hidden: bool = False) -> None:
-    """Stops right after eos_id (kept), at most max_new_tokens, crops to context_length, and
-    divides the logits by the temperature."""
-    _function("sample", sample)
-    vocab = 9 if hidden else 7
-    model = _NextModel(vocab, context=5)
-    got = _sample_ids(sample, model, [1], 20, 1.0, 4, 0)
-    want = [1, 2, 3, 4]
-    if got != want:
-        if got[:len(want)] == want:
-            raise AssertionError(f"sample should stop right after producing eos_id 4 and keep "
-                                 f"it; from prompt [1] with a model that always says 'the next "
-                                 f"id' it gave {got}, expected {want}.")
-        raise AssertionError(f"sample from prompt [1], with a model that always says 'the next "
-                             f"id', should give {want} (stopping after eos_id 4); got {got}.")
-    got = _sample_ids(sample, model, [0, 1, 2, 3, 4, 5], 8, 1.0, None, 0)
-    want = [0, 1, 2, 3, 4, 5] + [(6 + i) % vocab for i in range(8)]
-    if model.longest > model.context:
-        raise AssertionError(f"sample fed the model {model.longest} tokens, more than "
-                             f"context_length = {model.context}: run it on the last "
-                             f"model.config.context_length ids only.")
-    if got != want:
-        if model.longest == 0:
-            raise AssertionError("sample never called the model.")
-        raise AssertionError(f"sample with eos_id None should add exactly max_new_tokens = 8 "
-                             f"tokens; from {[0, 1, 2, 3, 4, 5]} it should give {want}; got {got}.")
-    # Temperature: two tokens with logits (0, 2): p(1) = 0.88 at temperature 1, 0.62 at 4.
-    fixed = torch.tensor([0.0, 2.0], dtype=torch.float64)
-    for temperature, p1 in ((1.0, 1 / (1 + math.exp(-2))), (4.0, 1 / (1 + math.exp(-0.5)))):
-        toy = _NextModel(2, context=4, fixed=fixed)
-        n = 400
-        got = _sample_ids(sample, toy, [0], n, temperature, None, 11)
-        share = sum(got[1:]) / n
-        if abs(share - p1) > 0.08:
-            raise AssertionError(f"with logits (0, 2) and temperature {temperature}, token 1 "
-                                 f"should come up {p1:.0%} of the time; in {n} draws sample "
-                                 f"gave it {share:.0%}. Sample from softmax(logits / "
-                                 f"temperature) with torch.multinomial(probs, 1, "
-                                 f"generator=gen).")
-
-
-# ==============================================================================================
-# NumPy (f): the whole model's loss and gradients from chapter 9's pieces
-# ==============================================================================================
-
-
-def _np_params(seed: int, vocab=11, context=8, n_layer=2, d_model=8):
-    config = GPTConfig(vocab_size=vocab, context_length=context, n_layer=n_layer, n_head=2,
-                       d_model=d_model)
-    with torch.random.fork_rng(devices=[]):
-        params = RefGPT(config, generator=torch.Generator().manual_seed(seed)).numpy_params()
-    rng = np.random.default_rng(seed)
-    for block in params["blocks"]:  # non-trivial gains and biases, so every term shows
-        for key in block:
-            block[key] = block[key] + 0.1 * rng.standard_normal(block[key].shape)
-    params["lnf_gamma"] = params["lnf_gamma"] + 0.1 * rng.standard_normal(d_model)
-    return params
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    if isinstance(tree, (list, tuple)):
-        out = {}
-        for i, v in enumerate(tree):
-            out.update(_flat(v, f"{prefix}{i}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _grad_pieces(params, x, y, n_head):
-    """The reference loss, gradients and the two parts of wte's gradient."""
-    loss, cache = qnp.gpt_loss_forward(x, y, params, n_head)
-    grads = qnp.gpt_loss_backward(cache)
-    logits_cache, loss_cache = cache
-    dlogits = qnp.cross_entropy_backward(1.0, loss_cache)["dlogits"]
-    unembed = qnp.linear_backward(dlogits, logits_cache[4])["dw"].T  # (vocab, d_model)
-    return float(loss), grads, unembed
-
-
-class _CallSpy:
-    """Notices calls of the given code objects (whatever name they were imported under)."""
-
-    def __init__(self, codes):
-        self.codes, self.hit, self.previous = codes, False, None
-
-    def _profile(self, frame, event, arg):
-        if event == "call" and frame.f_code in self.codes:
-            self.hit = True
-
-    def __enter__(self):
-        self.previous = sys.getprofile()
-        sys.setprofile(self._profile)
-        return self
-
-    def __exit__(self, *exc):
-        sys.setprofile(self.previous)
-
-
-def check_gpt_loss_and_grads(gpt_loss_and_grads, hidden: bool = False) -> None:
-    """(loss, grads) equal qkv.np.gpt_loss_forward/backward's, without calling them."""
-    _function("gpt_loss_and_grads", gpt_loss_and_grads)
-    cases = [(0, 2, 8), (1, 3, 6)] if hidden else [(0, 2, 8)]
-    from qkv.np import model as np_model
-
-    spied = {np_model.gpt_loss_backward.__code__, np_model._logits_backward.__code__}
-    for seed, batch, seq in cases:
-        params = _np_params(seed)
-        rng = np.random.default_rng(seed)
-        x = rng.integers(0, 11, size=(batch, seq))
-        y = rng.integers(0, 11, size=(batch, seq))
-        loss, grads, unembed = _grad_pieces(params, x, y, 2)
-        copy = {k: v.copy() for k, v in _flat(params).items()}
-        with _CallSpy(spied) as spy:
-            out = _call("gpt_loss_and_grads", gpt_loss_and_grads, params, x.copy(), y.copy(), 2)
-        if spy.hit:
-            raise AssertionError("gpt_loss_and_grads calls qkv.np's gpt_loss_backward, which is "
-                                 "the answer itself: chain the layers' backward passes yourself.")
-        if any(not np.array_equal(copy[k], v) for k, v in _flat(params).items()):
-            raise AssertionError("gpt_loss_and_grads changed the params in place.")
-        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
-            raise AssertionError("gpt_loss_and_grads should return (loss, grads) with grads a "
-                                 "dict shaped like params.")
-        got_loss, got = out
-        if not _close(float(got_loss), loss, "float64"):
-            raise AssertionError(f"gpt_loss_and_grads's loss is {float(got_loss):.8f}; the mean "
-                                 f"cross-entropy is {loss:.8f}.")
-        want, have = _flat(grads), _flat(got)
-        if set(have) != set(want):
-            raise AssertionError(f"grads should have the structure of params (wte, wpe, blocks "
-                                 f"[a dict per block], lnf_gamma, lnf_beta); missing "
-                                 f"{sorted(set(want) - set(have))[:4]}, unexpected "
-                                 f"{sorted(set(have) - set(want))[:4]}.")
-        for key in want:
-            if _close(have[key], want[key], "float64"):
-                continue
-            if key == "wte":
-                said = _diagnose(have[key], {
-                    "the gradient of wte misses the unembedding's part: wte is used twice "
-                    "(lookup and, transposed, logits = h @ wte.T), so add the two gradients.":
-                        want[key] - unembed,
-                    "the gradient of wte misses the lookup's part (embed_backward): wte is "
-                    "used twice, so add the two gradients.": unembed}, "float64")
-                if said:
-                    raise AssertionError(said)
-            if key == "wpe":
-                said = _diagnose(have[key], {
-                    "the gradient of wpe is averaged over the batch: every window adds to the "
-                    "same rows, so sum over the batch.": want[key] / batch}, "float64")
-                if said:
-                    raise AssertionError(said)
-            worst = np.max(np.abs(np.asarray(have[key], dtype=np.float64) - want[key]))
-            raise AssertionError(f"the gradient of {key} differs from the reference (largest "
-                                 f"difference {worst:.3g}) on a batch of {batch} windows of "
-                                 f"{seq} tokens.")
-
-
-# ==============================================================================================
-# NumPy (g): training with the learner's AdamW matches qkv.np.train_numpy
-# ==============================================================================================
-
-
-def _np_lr(step):
-    return 2e-2 * (step + 1) / 4 if step < 4 else 2e-2
-
-
-def _np_batches(seed, n):
-    ids = _toy_ids(seed, n=400, vocab=11).numpy()
-    rng = np.random.default_rng(seed)
-    return [get_batch(ids, 3, 8, rng) for _ in range(n)]
-
-
-def _adam_no_correction(params, n_head, batches, lr, weight_decay, grad_clip):
-    """train_numpy without the bias corrections (a known mistake): returns the losses."""
-    flat = _flat(params)
-    m = {k: np.zeros_like(p) for k, p in flat.items()}
-    v = {k: np.zeros_like(p) for k, p in flat.items()}
-    losses = []
-    for step, (x, y) in enumerate(batches):
-        loss, cache = qnp.gpt_loss_forward(x, y, _unflat(flat, params), n_head)
-        grads, _ = qnp.clip_grad_norm(qnp.gpt_loss_backward(cache), grad_clip)
-        for k, g in _flat(grads).items():
-            m[k] = 0.9 * m[k] + 0.1 * g
-            v[k] = 0.99 * v[k] + 0.01 * g * g
-            decay = weight_decay if flat[k].ndim >= 2 else 0.0
-            flat[k] = flat[k] * (1 - lr(step) * decay) - lr(step) * m[k] / (np.sqrt(v[k]) + 1e-8)
-        losses.append(float(loss))
-    return losses
-
-
-def _unflat(flat, like, prefix=""):
-    if isinstance(like, dict):
-        return {k: _unflat(flat, v, f"{prefix}{k}.") for k, v in like.items()}
-    if isinstance(like, (list, tuple)):
-        return [_unflat(flat, v, f"{prefix}{i}.") for i, v in enumerate(like)]
-    return flat[prefix[:-1]]
-
-
-def check_train_gpt_numpy(train_gpt_numpy, hidden: bool = False) -> None:
-    """train_gpt_numpy(params, n_head, batches, lr, weight_decay, grad_clip) -> (params, losses)
-    with the losses of qkv.np.train_numpy (betas (0.9, 0.99), eps 1e-8) on the same batches."""
-    _function("train_gpt_numpy", train_gpt_numpy)
-    seed, n = (4, 15) if hidden else (2, 12)
-    params = _np_params(seed)
-    batches = _np_batches(seed, n)
-    clip = 0.5
-    ref_params, ref_losses = qnp.train_numpy(params, 2, batches, _np_lr, betas=(0.9, 0.99),
-                                             weight_decay=0.1, grad_clip=clip)
-    out = _call("train_gpt_numpy", train_gpt_numpy, params, 2, batches, _np_lr, 0.1, clip)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise AssertionError("train_gpt_numpy should return (params, losses).")
-    got_params, losses = out
-    try:
-        losses = [float(v) for v in losses]
-    except (TypeError, ValueError):
-        raise AssertionError("train_gpt_numpy's losses should be a list of numbers.") from None
-    if len(losses) != n:
-        raise AssertionError(f"train_gpt_numpy should return one loss per batch: {n}, not "
-                             f"{len(losses)}.")
-    if _close(losses, ref_losses, "float64"):
-        flat_got, flat_ref = _flat(got_params), _flat(ref_params)
-        if set(flat_got) != set(flat_ref) or not all(
-                _close(flat_got[k], flat_ref[k], "float64") for k in flat_ref):
-            raise AssertionError("train_gpt_numpy's losses are right but the params it returns "
-                                 "are not those after the last step.")
-        return
-    variants = {
-        "the losses match training without gradient clipping: scale all gradients by "
-        "min(1, grad_clip / (norm + 1e-6)) with the global norm over every parameter.":
-            qnp.train_numpy(params, 2, batches, _np_lr, betas=(0.9, 0.99), weight_decay=0.1)[1],
-        "the losses match AdamW with beta2 = 0.999: this notebook uses (0.9, 0.99), as "
-        "qkv.train does.": qnp.train_numpy(params, 2, batches, _np_lr, betas=(0.9, 0.999),
-                                           weight_decay=0.1, grad_clip=clip)[1],
-        "the losses match AdamW without the bias corrections m / (1 - beta1^t) and "
-        "v / (1 - beta2^t); t counts steps from 1.":
-            _adam_no_correction(params, 2, batches, _np_lr, 0.1, clip),
-    }
-    said = _diagnose(losses, variants, "float64")
-    bad = next(i for i in range(n) if not _close(losses[i], ref_losses[i], "float64"))
-    raise AssertionError(said or (f"train_gpt_numpy's loss at step {bad} is {losses[bad]:.8f}; "
-                                  f"the reference gets {ref_losses[bad]:.8f} (the first "
-                                  f"{bad} steps agree)."))
