@@ -17,13 +17,11 @@ from qkv.pt import GPT as RefGPT
 from qkv.pt import GPTConfig, load_gpt2_weights
 from qkv.tolerances import TOL
 
+from .ch12_your_gpt import TARGETS
+
 FORBIDDEN_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embedding)
 FORBIDDEN_FUNCTIONS = {F.scaled_dot_product_attention: "F.scaled_dot_product_attention"}
 
-# The validation loss (nats per character, mean over EVAL_BATCHES fixed windows) that each graded
-# part asks for, per corpus: part 1 beats a bigram model, part 3 is what the notebook's settings
-# reach (900 steps; the solution measured 1.97 on tiny Shakespeare), with a margin for seeds.
-TARGETS = {"tiny Shakespeare": (2.40, 2.15, 2.05), "builtin grammar": (1.00, 0.80, 0.70)}
 EVAL_BATCHES, EVAL_BATCH, EVAL_CONTEXT, EVAL_SEED = 20, 16, 64, 12345
 
 
@@ -49,7 +47,27 @@ def _call(name: str, fn, *args, **kwargs):
     except AssertionError:
         raise
     except Exception as exc:  # the learner's error, reported as a failed test
-        raise AssertionError(f"{name} raised {type(exc).__name__}: {exc}") from None
+        raise AssertionError(f"{name} raised {type(exc).__name__}: {exc} — when called with "
+                             f"{_describe(args)}.") from None
+
+
+def _describe(args) -> str:
+    """The arguments in a few words: shapes of arrays, the type of anything else."""
+    words = []
+    for a in args:
+        if isinstance(a, (torch.Tensor, np.ndarray)):
+            words.append(f"an array of shape {tuple(a.shape)}")
+        elif isinstance(a, (int, float, str, type(None))):
+            words.append(repr(a))
+        elif isinstance(a, (list, tuple)):
+            words.append(f"a {type(a).__name__} of {len(a)}")
+        else:
+            words.append(f"a {type(a).__name__}")
+    return ", ".join(words) or "no arguments"
+
+
+def _returned(name: str, out, wanted: str) -> AssertionError:
+    return AssertionError(f"{name} returned a {type(out).__name__}; it should return {wanted}.")
 
 
 def _function(name: str, fn) -> None:
@@ -220,8 +238,7 @@ def _judge_gpt_module(GPT, hidden: bool = False) -> None:
     for i, config in enumerate(_gpt_configs(hidden)):
         model = _call("GPT(config)", GPT, config)
         if not isinstance(model, nn.Module):
-            raise AssertionError(f"GPT(config) should be an nn.Module; it is a "
-                                 f"{type(model).__name__}.")
+            raise _returned("GPT(config)", model, "an nn.Module (class GPT(nn.Module): ...)")
         _check_from_scratch(model)
         sd = _random_gpt2_weights(config, seed=100 + i + 10 * hidden)
         try:
@@ -242,8 +259,7 @@ def _judge_gpt_module(GPT, hidden: bool = False) -> None:
                                      f"Write attention from matrix products, a mask and a "
                                      f"softmax.")
             if not isinstance(got, torch.Tensor):
-                raise AssertionError(f"GPT's forward should return the logits tensor; it "
-                                     f"returned {type(got).__name__}.")
+                raise _returned("GPT's forward", got, "the logits, a tensor")
             shape = (batch, seq, config.vocab_size)
             if tuple(got.shape) != shape:
                 raise AssertionError(f"GPT's forward on token ids of shape {(batch, seq)} should "
@@ -296,28 +312,47 @@ def course_data():
 _VAL_CACHE = {}
 
 
+class _Checked:
+    """The learner's model seen through a forward that checks what it returns."""
+
+    def __init__(self, model, vocab):
+        self.model, self.vocab = model, vocab
+
+    def __call__(self, x):
+        out = _call("your trained GPT", self.model, x)
+        if not isinstance(out, torch.Tensor):
+            raise _returned("your trained GPT", out, "the logits, a tensor")
+        if tuple(out.shape) != (*x.shape, self.vocab):
+            raise AssertionError(f"your trained GPT returned logits of shape "
+                                 f"{tuple(out.shape)} for token ids of shape {tuple(x.shape)}; "
+                                 f"expected {(*x.shape, self.vocab)}.")
+        return out.float()
+
+
 def validation_loss(model) -> float:
     """The checker's own measure: mean loss over EVAL_BATCHES fixed validation windows."""
     if "data" not in _VAL_CACHE:
         _VAL_CACHE["data"] = course_data()
-    _, _, val_ids, _ = _VAL_CACHE["data"]
+    tok, _, val_ids, _ = _VAL_CACHE["data"]
     context = min(EVAL_CONTEXT, int(getattr(getattr(model, "config", None), "context_length",
                                             EVAL_CONTEXT)))
-    was_training = model.training
-    model.eval()
+    module = isinstance(model, nn.Module)
+    was_training = model.training if module else False
+    if module:
+        model.eval()
     try:
-        return _call("your trained GPT", _ref_evaluate, model, val_ids, EVAL_BATCH, context,
-                     EVAL_BATCHES, EVAL_SEED)
+        return _ref_evaluate(_Checked(model, tok.vocab_size), val_ids, EVAL_BATCH, context,
+                             EVAL_BATCHES, EVAL_SEED)
     finally:
-        model.train(was_training)
+        if module:
+            model.train(was_training)
 
 
 def _judge_trained_gpt(model, part: int, hidden: bool = False) -> None:
-    """Part 1, 2 or 3: the validation loss of the learner's trained model is within TARGETS."""
-    if not isinstance(model, nn.Module):
-        raise AssertionError(f"model should be your trained GPT (an nn.Module); it is a "
-                             f"{type(model).__name__}.")
-    _check_from_scratch(model)
+    """Target 1, 2 or 3: the validation loss of the learner's trained model is within TARGETS.
+    ``model``: the trained GPT (any callable from ids (batch, seq) to logits is measured)."""
+    if isinstance(model, nn.Module):
+        _check_from_scratch(model)
     if "data" not in _VAL_CACHE:
         _VAL_CACHE["data"] = course_data()
     name = _VAL_CACHE["data"][3]
@@ -327,8 +362,8 @@ def _judge_trained_gpt(model, part: int, hidden: bool = False) -> None:
         raise AssertionError(f"your GPT's validation loss is {loss}: training diverged (try a "
                              f"smaller learning rate, and check the clipping).")
     if loss > target:
-        raise AssertionError(f"validation loss {loss:.3f} misses this part's target of "
-                             f"{target:.2f} ({name}) by {loss - target:.3f} nats per character.")
+        raise AssertionError(f"validation loss {loss:.3f} misses target {part}, "
+                             f"{target:.2f} ({name}), by {loss - target:.3f} nats per character.")
 
 
 # ==============================================================================================

@@ -15,7 +15,7 @@ from qkv.pt import GPTConfig
 from qkv.train import TrainConfig
 from qkv.train import lr_at as _ref_lr_at
 
-from ._ch12_model import _call, _close, _diagnose, _function, _ref_evaluate
+from ._ch12_model import _call, _close, _diagnose, _function, _ref_evaluate, _returned
 
 # ==============================================================================================
 # (b) Warm-up and cosine
@@ -50,10 +50,10 @@ def _judge_lr_at(lr_at, hidden: bool = False) -> None:
         steps = range(max_steps + 3)
         expected = [_ref_lr_at(s, cfg) for s in steps]
         got = [_call("lr_at", lr_at, s, max_steps, warmup, lr, min_lr) for s in steps]
-        try:
-            got = [float(g) for g in got]
-        except (TypeError, ValueError):
-            raise AssertionError("lr_at should return a number (a float).") from None
+        for g in got:
+            if not isinstance(g, (int, float, np.floating, np.integer)):
+                raise _returned("lr_at", g, "a number (a float)")
+        got = [float(g) for g in got]
         if _close(got, expected, "float64"):
             continue
         for says, switch in LR_MISTAKES.values():
@@ -214,7 +214,7 @@ def _run_loop(train_fn, s, seed, chunks, **switch):
             out = _call("train", train_fn, model, optimizer, train_ids, val_ids, gen, first,
                         last, dict(s))
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise AssertionError("train should return two lists, (losses, evals).")
+                raise _returned("train", out, "two lists, (losses, evals)")
             chunk_losses, chunk_evals = out
         else:
             chunk_losses, chunk_evals = _ref_train(model, optimizer, train_ids, val_ids, gen,
@@ -346,9 +346,11 @@ def _judge_gpt_loss_and_grads(gpt_loss_and_grads, hidden: bool = False) -> None:
         if any(not np.array_equal(copy[k], v) for k, v in _flat(params).items()):
             raise AssertionError("gpt_loss_and_grads changed the params in place.")
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
-            raise AssertionError("gpt_loss_and_grads should return (loss, grads) with grads a "
-                                 "dict shaped like params.")
+            raise _returned("gpt_loss_and_grads", out, "(loss, grads) with grads a dict shaped "
+                            "like params")
         got_loss, got = out
+        if not isinstance(got_loss, (int, float, np.floating, np.ndarray)):
+            raise _returned("gpt_loss_and_grads", got_loss, "the loss as a number first")
         if not _close(float(got_loss), loss, "float64"):
             raise AssertionError(f"gpt_loss_and_grads's loss is {float(got_loss):.8f}; the mean "
                                  f"cross-entropy is {loss:.8f}.")
@@ -435,7 +437,7 @@ def _judge_train_gpt_numpy(train_gpt_numpy, hidden: bool = False) -> None:
                                              weight_decay=0.1, grad_clip=clip)
     out = _call("train_gpt_numpy", train_gpt_numpy, params, 2, batches, _np_lr, 0.1, clip)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise AssertionError("train_gpt_numpy should return (params, losses).")
+        raise _returned("train_gpt_numpy", out, "(params, losses)")
     got_params, losses = out
     try:
         losses = [float(v) for v in losses]

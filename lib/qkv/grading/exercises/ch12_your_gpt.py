@@ -16,32 +16,37 @@ one plain sentence when wrong. Each catalogue of mistakes is a dict name -> (wha
 switch of the one reference written here), so the reference and its variants share their code.
 """
 
-from qkv.pt import GPTConfig, load_gpt2_weights  # noqa: F401  (the tests reach them here)
-from qkv.tolerances import TOL  # noqa: F401
+import importlib
 
 from ..engine import Case
 from ..exercise import Exercise
 from ..kinds import Judged
-from ._ch12_model import (  # noqa: F401
-    TARGETS,
-    _judge_gpt_module,
-    _judge_sample,
-    _judge_trained_gpt,
-    _random_gpt2_weights,
-    course_data,
-    validation_loss,
-)
-from ._ch12_training import (  # noqa: F401
-    _judge_evaluate,
-    _judge_gpt_loss_and_grads,
-    _judge_lr_at,
-    _judge_make_optimizer,
-    _judge_train,
-    _judge_train_gpt_numpy,
-    qnp,
-)
 
-# The declarations: one Exercise per graded answer, each judged by the functions above
+# The validation loss (nats per character, mean over the checker's 20 fixed windows batches)
+# that each graded target asks for, per corpus: target 1 beats a bigram model, target 3 is what
+# the notebook's settings reach (900 steps; the solution measured 1.93-1.97 over three seeds on
+# tiny Shakespeare), with a margin.
+TARGETS = {"tiny Shakespeare": (2.40, 2.15, 2.05), "builtin grammar": (1.00, 0.80, 0.70)}
+
+
+def _lazy(module: str, name: str):
+    """A judge imported when first used: torch is loaded only by the chapters that need it."""
+    def judge(*args, **kwargs):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+    return judge
+
+
+_judge_gpt_module = _lazy("_ch12_model", "_judge_gpt_module")
+_judge_sample = _lazy("_ch12_model", "_judge_sample")
+_judge_trained_gpt = _lazy("_ch12_model", "_judge_trained_gpt")
+_judge_evaluate = _lazy("_ch12_training", "_judge_evaluate")
+_judge_gpt_loss_and_grads = _lazy("_ch12_training", "_judge_gpt_loss_and_grads")
+_judge_lr_at = _lazy("_ch12_training", "_judge_lr_at")
+_judge_make_optimizer = _lazy("_ch12_training", "_judge_make_optimizer")
+_judge_train = _lazy("_ch12_training", "_judge_train")
+_judge_train_gpt_numpy = _lazy("_ch12_training", "_judge_train_gpt_numpy")
+
+
 # ==============================================================================================
 
 
