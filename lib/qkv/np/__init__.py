@@ -35,7 +35,14 @@ from .mlp import mlp, mlp_backward, mlp_forward
 from .model import gpt_forward, gpt_loss_backward, gpt_loss_forward, params_from_gpt2_state_dict
 from .positional import sinusoidal_positional_encoding
 from .softmax import softmax, softmax_backward, softmax_forward
-from .train import adamw_init, adamw_step, clip_grad_norm, train_numpy
+from .train import (
+    adamw_init,
+    adamw_step,
+    clip_grad_norm,
+    flatten_params,
+    train_numpy,
+    unflatten_params,
+)
 
 __all__ = [
     "adamw_init",
@@ -53,6 +60,7 @@ __all__ = [
     "embed",
     "embed_backward",
     "embed_forward",
+    "flatten_params",
     "gelu",
     "gelu_backward",
     "gelu_forward",
@@ -85,4 +93,5 @@ __all__ = [
     "softmax_forward",
     "split_heads",
     "train_numpy",
+    "unflatten_params",
 ]
