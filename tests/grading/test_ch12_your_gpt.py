@@ -244,8 +244,8 @@ def test_sample_mistakes_are_named(says):
 
 
 def test_numpy_gradient_mistakes_are_named():
-    tied = _load([("dwte = qnp.embed_backward(dh, embed_cache)[\"dtable\"] + g_unembed[\"dw\"].T",
-                   "dwte = qnp.embed_backward(dh, embed_cache)[\"dtable\"]")],
+    tied = _load([("dwte = embed_backward(dh, embed_cache)[\"dtable\"] + g_unembed[\"dw\"].T",
+                   "dwte = embed_backward(dh, embed_cache)[\"dtable\"]")],
                  cells=("np-helpers", "np-grads-answer"))
     with pytest.raises(AssertionError, match="misses the unembedding"):
         check_gpt_loss_and_grads(tied["gpt_loss_and_grads"])
