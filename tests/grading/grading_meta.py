@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -92,7 +93,9 @@ def _same_value(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(
             _same_value(x, y) for x, y in zip(a, b, strict=True))
-    if type(a) is type(b) and hasattr(a, "__dict__") and not callable(getattr(a, "fn", None)):
+    if isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType):
+        return a.__code__ == b.__code__
+    if type(a) is type(b) and hasattr(a, "__dict__"):
         return vars(a).keys() == vars(b).keys() and all(
             _same_value(vars(a)[k], vars(b)[k]) for k in vars(a))
     return a is b or (type(a) is type(b) and isinstance(a, (int, float, str, bool)) and a == b)
@@ -144,9 +147,12 @@ def _arrays(args):
 def _wrong_on_visible(ex):
     """[(case index, Mistake, wrong output)]: each catalogued mistake at the first visible case
     where it differs from the reference (where a learner who makes it first fails). Mistakes
-    are told apart by their message with the case-dependent numbers left out."""
+    are told apart by their message with the case-dependent numbers left out. For a whole-run
+    kind (a mistake is named only if it gives the learner's answers on every case) the index is
+    None and the output is the list of its answers on every case."""
     found, seen = [], set()
     cases = ex.visible()
+    whole = isinstance(ex.output, Value) and ex.output.whole_run
     for i, case in enumerate(cases):
         args = _float64(case.args)
         right = _quiet(ex.reference, *args)
@@ -161,7 +167,14 @@ def _wrong_on_visible(ex):
             if _outputs_equal(ex, wrong, right, case.args):
                 continue
             seen.add(key)
-            found.append((i, mistake, wrong))
+            if whole:
+                try:
+                    wrong = [_quiet(mistake.fn, *_float64(c.args)) for c in cases]
+                except Exception:
+                    continue
+                found.append((None, mistake, wrong))
+            else:
+                found.append((i, mistake, wrong))
     return cases, found
 
 
@@ -173,6 +186,8 @@ def _key(says: str) -> str:
 def _learner_making(ex, cases, index, wrong):
     def learner(*args):
         i = _which(cases, args)
+        if index is None:
+            return wrong[i]
         if i == index:
             return wrong
         return _quiet(ex.reference, *_float64(tuple(args)))
@@ -222,7 +237,12 @@ def meta_tests(declared: list[Declared]) -> dict:
                 (i, ma, wa), (j, mb, wb) = found[a], found[b]
                 if i != j or ma.says == mb.says:
                     continue
-                assert not _outputs_equal(ex, wa, wb, cases[i].args), (
+                if i is None:  # whole run: the answers on every case must differ somewhere
+                    same = all(_outputs_equal(ex, x, y, c.args)
+                               for x, y, c in zip(wa, wb, cases, strict=True))
+                else:
+                    same = _outputs_equal(ex, wa, wb, cases[i].args)
+                assert not same, (
                     f"{d.id}, visible case {i}: two catalogued mistakes give the same output: "
                     f"{ma.says[:60]!r} and {mb.says[:60]!r}")
 

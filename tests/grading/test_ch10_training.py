@@ -217,7 +217,6 @@ DECLARED = [
     ),
 ]
 
-globals().update(meta_tests(DECLARED))
 
 
 def test_adamw_reference_is_torch_adamw():
@@ -383,3 +382,9 @@ def test_clip_in_place_and_liar_fail():
 
     assert "in place" in failure(check_clip_grad_norm, in_place)
     assert "Liar" in failure(check_clip_grad_norm, lambda *a: (Liar(), 1.0))
+
+
+DECLARED.append(Declared(check_clip_grad_norm, reference=_clip_loop,
+                         mistakes=[(_per_array, "by its own norm"), (_no_eps, "without the 1e-6")],
+                         alternatives=[_clip_with_torch]))
+globals().update(meta_tests(DECLARED))

@@ -1,21 +1,21 @@
-"""The engine of the exercise checkers: run a learner's function, compare, name the mistake.
-
-Every checker has the same signature, ``check_xxx(fn, hidden=False, backend="auto")``, and the
-same steps, each written once below:
+"""The engine behind every checker: call the learner's function safely, validate, compare, name
+the mistake. ``exercise.run`` drives it; the output kinds (``kinds``) pick the steps they need.
 
 1. ``_call``      call the learner's function on a copy of one seeded input: an exception becomes
-                  an AssertionError that names it and the input shapes ("softmax is not implemented
-                  yet" for an untouched exercise); warnings and prints are swallowed so a correct
-                  answer stays silent; the inputs must come back unchanged.
+                  an AssertionError that gives its own message and the input shapes (plus the
+                  case's ``on_error`` hint, never its note about values); "not implemented yet"
+                  for an untouched exercise; warnings and prints are swallowed; the inputs must
+                  come back unchanged.
 2. ``_validate``  the output must be a plain ``np.ndarray`` or ``torch.Tensor`` (exact type: a
                   subclass, or an object whose ``__eq__`` always says yes, fails) of the expected
                   kind of dtype.
 3. ``_mismatch``  shape, finiteness and values against the reference, with the tolerances of
-                  ``qkv.tolerances`` (float64 results: "float64"; float32: the checker's entry).
-4. ``_diagnose``  on a mismatch, compute the known-wrong variants on the same input; when the
-                  learner's output matches one, say that mistake in plain words.
+                  ``qkv.tolerances`` (float64 results: "float64"; float32: the exercise's entry).
+4. ``_diagnose``  on a mismatch, compute the catalogued wrong variants on the same input; when
+                  the learner's output matches one, say that mistake in plain words. nan or inf
+                  in the output is named first; with no catalogued match, the exercise's
+                  ``explain`` may say which part differs (``parts``, through a ``Probe``).
 
-``hidden=True`` runs other seeds, sizes and edge cases (the hidden tests call it).
 ``backend``: "auto" calls the function with NumPy arrays and, if that raises while torch is
 imported, with torch tensors; "numpy" or "torch" forces one. Either may return an ndarray or a
 tensor; references and diagnoses always run in NumPy float64.
@@ -32,7 +32,7 @@ import numpy as np
 from . import _trusted as _t
 
 # ==============================================================================================
-# The engine: one helper per step
+# The declarations' building blocks, and the array kind's body
 # ==============================================================================================
 
 
@@ -56,7 +56,7 @@ class Mistake:
 
 @dataclass(frozen=True)
 class Spec:
-    """What one checker checks."""
+    """What the steps below need to know of an exercise (built by its output kind)."""
 
     name: str  # the exercise's function name, used in every message
     reference: object  # trusted qkv.np function (or a tiny formula) with the learner's arguments
@@ -77,7 +77,8 @@ class Learner:
 
 
 def run_array(spec: Spec, learner: Learner, cases, explain=None) -> None:
-    """The array kind's body: every case against the reference, the first difference named.
+    """The array kind's body (``kinds.Array``): every case against the reference, the first
+    difference named.
 
     ``explain(probe, got, args, case)``, when given, diagnoses by parts a mismatch that no
     catalogued mistake matches (``probe`` calls the learner again; see ``Probe``).
@@ -450,6 +451,8 @@ def _describe(case: Case) -> str:
             parts.append(f"{name} (a dict of weights)")
         else:
             parts.append(f"{name} = {value!r}")
+    if not parts:
+        return "no arguments"
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 

@@ -54,6 +54,39 @@ def explain_gelu(probe, got, args, case):
             "x + c x^3 inside).")
 
 
+# --- the similarity matrix: dot products, then lengths --------------------------------------------
+
+
+def explain_similarity(probe, got, args, case):
+    """Which of the two parts of a cosine-similarity matrix differs: the dot products
+    E[u] . E[v], or the division by the lengths |E[u]| |E[v]|."""
+    table = np.asarray(args[0], dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    dots = table @ table.T
+    norms = np.sqrt(np.sum(table * table, axis=-1))
+    right = dots / np.outer(norms, norms)
+    if got.shape != right.shape:
+        return None
+    tol = _t.tolerances["float32_op"]
+    diagonal_ok = _t.close(np.diagonal(got).copy(), np.ones(len(got)), **tol)
+    with np.errstate(all="ignore"):
+        # divided by some other per-row number r[u] r[v]? The diagonal gives r[u]^2.
+        r = np.sqrt(np.diagonal(dots) / np.diagonal(got))
+        other = dots / np.outer(r, r)
+    if np.isfinite(r).all() and _t.close(got, other, **tol):
+        return ("By parts: your entries are the right dot products E[u] . E[v], each divided "
+                "by something other than the two lengths |E[u]| |E[v]|"
+                + ("" if diagonal_ok else " (so the diagonal, a token with itself, is not 1)")
+                + ": the length of a row is np.sqrt(np.sum(row * row)), "
+                  "np.linalg.norm(table, axis=1).")
+    if diagonal_ok:
+        return ("By parts: your diagonal is 1, as a normalised table's is, but the other "
+                "entries differ: entry (u, v) is the dot product of rows u and v, divided by "
+                "both lengths.")
+    return ("By parts: neither the dot products nor the lengths match: entry (u, v) is "
+            "E[u] . E[v] / (|E[u]| |E[v]|), and every diagonal entry is 1.")
+
+
 # --- the decoder block: swap the reference's helpers in, then switch a half off -----------------
 
 
