@@ -12,7 +12,12 @@ from test_checkers import Liar, failure
 
 import qkv.grading.exercises._training_run as tr
 import qkv.grading.exercises.ch10_training as ch10
-from qkv.grading import check_adamw_step, check_clip_grad_norm, check_make_batch, check_training_loop
+from qkv.grading import (
+    check_adamw_step,
+    check_clip_grad_norm,
+    check_make_batch,
+    check_training_loop,
+)
 from qkv.grading.engine import _float64
 
 

@@ -8,8 +8,8 @@ import qkv.grading.exercises.ch11_generation as ch11
 import qkv.np as qnp
 from qkv.grading import (
     check_greedy_decode,
-    check_sample_decode,
     check_kv_attention_step,
+    check_sample_decode,
     check_temperature_probs,
     check_top_k,
     check_top_p,
