@@ -186,3 +186,38 @@ def test_download_with_a_wrong_checksum_is_an_error(tmp_path, no_shared_copy):
 @pytest.mark.skipif(not qdata.SHARED_COPY.is_file(), reason="../shared/data is not present")
 def test_the_shared_copy_is_tiny_shakespeare():
     assert qdata.sha256_of(qdata.SHARED_COPY) == qdata.SHAKESPEARE_SHA256
+
+
+def test_mark_ends_hand_worked():
+    from qkv.data import CharTokenizer, mark_ends
+
+    text = "A:\nhi.\n\nB:\nyo.\n\n\nC:\nok.\n"
+    marked = mark_ends(text, eot="<E>")
+    assert marked == "A:\nhi.\n<E>B:\nyo.\n<E>C:\nok.\n<E>"
+    tok = CharTokenizer.from_text(marked, eot="<E>")
+    ids = tok.encode(marked)
+    assert ids.count(tok.eot_id) == 3 and tok.decode(ids) == marked
+
+
+def test_builtin_text_is_seeded_play_text():
+    from qkv.data import builtin_text
+
+    a, b = builtin_text(n_lines=40), builtin_text(n_lines=40)
+    assert a == b and a != builtin_text(n_lines=40, seed=1)
+    speakers = [line[:-1] for line in a.split("\n") if line.endswith(":")]
+    assert len(speakers) == 10 and set(speakers) <= {"ANNA", "BERT", "CORA", "DUNCAN"}
+    assert a.count("\n\n") == 9  # a blank line between two speeches
+
+
+def test_course_text_prefers_the_corpus_and_never_downloads(tmp_path, monkeypatch):
+    import qkv.data as data
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not\n")
+    monkeypatch.setenv("QKV_DATA", str(corpus))
+    assert data.course_text() == ("to be or not\n", "tiny Shakespeare")
+    monkeypatch.delenv("QKV_DATA")
+    monkeypatch.setattr(data, "SHARED_COPY", tmp_path / "absent.txt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text, name = data.course_text()  # no file anywhere: the grammar text, no download
+    assert name == "builtin grammar" and text == data.builtin_text()

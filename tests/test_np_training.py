@@ -115,3 +115,18 @@ def test_clip_grad_norm_equals_torch():
     np.testing.assert_allclose(clipped["a"], ts[0].grad.numpy())
     small, _ = qnp.clip_grad_norm(grads, 1e6)  # under the limit: unchanged
     np.testing.assert_array_equal(small["a"], grads["a"])
+
+
+def test_flatten_params_round_trip_and_names():
+    from qkv.np import flatten_params, unflatten_params
+
+    params = {"wte": np.ones((3, 2)), "wpe": np.zeros((4, 2)),
+              "blocks": [{"w_qkv": np.full((2, 6), 1.0)}, {"w_qkv": np.full((2, 6), 2.0)}],
+              "lnf_gamma": np.ones(2), "lnf_beta": np.zeros(2)}
+    flat = flatten_params(params)
+    assert sorted(flat) == ["blocks.0.w_qkv", "blocks.1.w_qkv", "lnf_beta", "lnf_gamma", "wpe",
+                            "wte"]
+    assert flat["blocks.1.w_qkv"] is params["blocks"][1]["w_qkv"]  # the same arrays
+    back = unflatten_params(flat)
+    assert back.keys() == params.keys() and len(back["blocks"]) == 2
+    assert back["blocks"][1]["w_qkv"][0, 0] == 2.0

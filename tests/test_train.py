@@ -260,3 +260,21 @@ def test_python_dash_m_entry_point():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: python -m qkv.train" in done.stdout and "--resume" in done.stdout
+
+
+def test_log_reports_perplexity_and_bits_beside_the_loss(corpus, tmp_path):
+    """Each evaluation line gives the validation loss also as perplexity (e^loss) and bits
+    (loss / ln 2), computed here from the logged loss with NumPy, independently."""
+    import numpy as np
+
+    lines = []
+    h = train(tiny(corpus, tmp_path / "run", max_steps=10), progress=False, plot=False,
+              log=lines.append)
+    evals = [ln for ln in lines if ln.startswith("step ")]
+    assert len(evals) == len(h["evals"]) == 2  # step 0 and step 10
+    for line, (_, _, val) in zip(evals, h["evals"], strict=True):
+        assert f"perplexity {np.exp(val):.2f}" in line, line
+        assert f"{val * np.log2(np.e):.2f} bits per token" in line, line
+    # a fresh model is about uniform: perplexity about the vocabulary size
+    first = float(evals[0].split("perplexity ")[1].split(",")[0])
+    assert abs(first - len(set(CORPUS))) < 0.15 * len(set(CORPUS))

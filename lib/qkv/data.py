@@ -192,3 +192,55 @@ def get_batch(data, batch: int, context: int, generator, device=None):
     if device is not None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x, y
+
+
+# --- A corpus that never needs the network, and documents with an end token --------------------
+
+EOT = "<|endoftext|>"
+
+
+def builtin_text(n_lines: int = 12000, seed: int = 0) -> str:
+    """A stand-in corpus (about 390,000 characters) from a tiny grammar of play-like lines.
+
+    Used where tiny Shakespeare is absent and nothing may be downloaded (the book's build, the
+    exercises): speeches of three or four sentences under a speaker's name, separated by blank
+    lines, like the real corpus but with 8 subjects, 8 verbs and 7 objects, so it is far easier
+    to predict.
+    """
+    rng = np.random.default_rng(seed)
+    who = ["the king", "my lord", "the queen", "a soldier", "the fool", "your brother", "she",
+           "he"]
+    verb = ["loves", "fears", "remembers", "betrays", "forgives", "follows", "defends", "mocks"]
+    what = ["the crown", "his honour", "the sea", "our house", "the night", "her father", "me"]
+    how = ["", " tonight", " in secret", " for ever", " with a sword", " at dawn"]
+    names = ["ANNA", "BERT", "CORA", "DUNCAN"]
+    lines = []
+    for i in range(n_lines):
+        if i % 4 == 0:
+            lines.append("\n" + rng.choice(names) + ":")
+        s = " ".join([rng.choice(who), rng.choice(verb), rng.choice(what)]) + rng.choice(how)
+        lines.append(s[0].upper() + s[1:] + rng.choice([".", ",", "!", "?", ";"]))
+    return "\n".join(lines) + "\n"
+
+
+def _no_download(url):
+    raise OSError(f"not downloading {url}: offline")
+
+
+def course_text() -> tuple[str, str]:
+    """(text, name): tiny Shakespeare if it is here ($QKV_DATA, ../shared/data or the download
+    cache), else ``builtin_text()``. Never downloads. name is "tiny Shakespeare" or
+    "builtin grammar"."""
+    try:
+        return load_text(fetch=_no_download), "tiny Shakespeare"
+    except (OSError, ValueError):
+        return builtin_text(), "builtin grammar"
+
+
+def mark_ends(text: str, eot: str = EOT) -> str:
+    """The text as documents that each end with ``eot``: every blank line (a paragraph break,
+    between two speeches of a play) becomes one line break followed by the marker, and the text
+    ends with it too. A model trained on the result learns where a speech ends, and generation
+    can stop there (``CharTokenizer.from_text(marked, eot=eot).eot_id``)."""
+    paragraphs = [p.strip("\n") for p in text.split("\n\n")]
+    return "".join(p + "\n" + eot for p in paragraphs if p)

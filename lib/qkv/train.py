@@ -173,6 +173,21 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, device, autocast=nullco
     return out
 
 
+def perplexity(loss: float) -> float:
+    """e ** loss: the model is as unsure as a uniform choice among this many tokens."""
+    return math.exp(loss)
+
+
+def bits_per_token(loss: float) -> float:
+    """loss / ln 2: the loss in bits (per character, for a character model)."""
+    return loss / math.log(2)
+
+
+def loss_units(loss: float) -> str:
+    """The same loss two more ways, for the log: 'perplexity 6.05, 2.60 bits per token'."""
+    return f"perplexity {perplexity(loss):.2f}, {bits_per_token(loss):.2f} bits per token"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -330,7 +345,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
         losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg, device,
                                autocast)
         history["evals"].append((step, losses["train"], losses["val"]))
-        return f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        return (f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                f"({loss_units(losses['val'])})")
 
     last = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     tokens_per_step = cfg.batch_size * cfg.context_length

@@ -5,13 +5,19 @@ leaves a margin; the loop's judge follows the optimizer state (issue 12, finding
 """
 
 import numpy as np
+import pytest
 import torch
 from grading_meta import Declared, meta_tests, run
 from test_checkers import Liar, failure
 
 import qkv.grading.exercises._training_run as tr
 import qkv.grading.exercises.ch10_training as ch10
-from qkv.grading import check_adamw_step, check_make_batch, check_training_loop
+from qkv.grading import (
+    check_adamw_step,
+    check_clip_grad_norm,
+    check_make_batch,
+    check_training_loop,
+)
 from qkv.grading.engine import _float64
 
 
@@ -216,7 +222,6 @@ DECLARED = [
     ),
 ]
 
-globals().update(meta_tests(DECLARED))
 
 
 def test_adamw_reference_is_torch_adamw():
@@ -248,7 +253,7 @@ def test_the_loop_target_leaves_a_margin():
         (case, target), = tr.loop_cases(hidden)
         _, params, ids, steps, batch, context, lr, seed = case.args
         for batcher in (make_batch, make_batch_fancy):
-            final, _ = train_loop(tr.Recorder(), params, ids, steps, batch, context, lr, seed,
+            final, _ = train_loop(tr.Recorder(params), params, ids, steps, batch, context, lr, seed,
                                   batcher=batcher)
             assert tr.toy_full_loss(final, ids) < target - 0.1
         assert tr.toy_full_loss(params, ids) > target + 1.0
@@ -300,3 +305,91 @@ def test_finding_4_dropped_moments_and_t_zero_are_named():
     assert message is not None and "m and v from zero again" in message, message
     message, _, _ = run(check_training_loop, _loop_state(t_from=0))
     assert "nan" in message and "counts t from 0" in message and "lost" not in message, message
+
+
+# --- clip_grad_norm: a part the chapter explains in words only ----------------------------------
+
+
+def _clip_with_torch(grads, max_norm):
+    """An independent answer: torch's own clip_grad_norm_ on tensors holding the gradients."""
+    tensors = {k: torch.zeros(np.shape(g), dtype=torch.float64, requires_grad=True)
+               for k, g in grads.items()}
+    for k, t in tensors.items():
+        t.grad = torch.tensor(np.asarray(grads[k], dtype=np.float64))
+    norm = torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm)
+    return ({k: t.grad.numpy().astype(np.asarray(grads[k]).dtype) for k, t in tensors.items()},
+            float(norm))
+
+
+def _clip_loop(grads, max_norm):
+    total = 0.0
+    for g in grads.values():
+        for value in np.asarray(g).ravel():
+            total += float(value) ** 2
+    norm = total ** 0.5
+    factor = max_norm / (norm + 1e-6)
+    return {k: g * factor if factor < 1 else g.copy() for k, g in grads.items()}, norm
+
+
+@pytest.mark.parametrize("answer", [_clip_with_torch, _clip_loop], ids=["torch", "loops"])
+def test_clip_alternatives_pass(answer):
+    check_clip_grad_norm(answer)
+    check_clip_grad_norm(answer, hidden=True)
+
+
+def test_clip_reference_is_torch():
+    for case in ch10._clip_cases(False) + ch10._clip_cases(True):
+        grads, max_norm = case.args
+        want, want_norm = _clip_with_torch(grads, max_norm)
+        got, norm = ch10._clip_variant({k: v.astype(np.float64) for k, v in grads.items()},
+                                       max_norm)
+        assert norm == pytest.approx(want_norm, rel=1e-12)
+        for k in grads:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+
+
+def _per_array(grads, max_norm):
+    out = {}
+    for k, g in grads.items():
+        n = np.sqrt(np.sum(g * g))
+        out[k] = g * min(1.0, max_norm / (n + 1e-6))
+    return out, float(np.sqrt(sum(np.sum(g * g) for g in grads.values())))
+
+
+def _always(grads, max_norm):
+    n = np.sqrt(sum(np.sum(g * g) for g in grads.values()))
+    return {k: g * max_norm / (n + 1e-6) for k, g in grads.items()}, n
+
+
+def _no_eps(grads, max_norm):
+    n = np.sqrt(sum(np.sum(g * g) for g in grads.values()))
+    return {k: g * min(1.0, max_norm / n) for k, g in grads.items()}, n
+
+
+def _norm_after(grads, max_norm):
+    clipped, _ = _clip_loop(grads, max_norm)
+    return clipped, np.sqrt(sum(np.sum(g * g) for g in clipped.values()))
+
+
+@pytest.mark.parametrize("wrong, phrase", [
+    (_per_array, "by its own norm"), (_always, "even when their norm is already below"),
+    (_no_eps, "without the 1e-6"), (_norm_after, "returns the norm after clipping")],
+    ids=["per-array", "always", "no-eps", "norm-after"])
+def test_clip_mistakes_are_named(wrong, phrase):
+    assert phrase in failure(check_clip_grad_norm, wrong)
+
+
+def test_clip_in_place_and_liar_fail():
+    def in_place(grads, max_norm):
+        for g in grads.values():
+            g *= 0.5
+        return grads, 1.0
+
+    assert "in place" in failure(check_clip_grad_norm, in_place)
+    assert "Liar" in failure(check_clip_grad_norm, lambda *a: (Liar(), 1.0))
+
+
+DECLARED.append(Declared(check_clip_grad_norm, reference=_clip_loop,
+                         mistakes=[(_per_array, "by its own norm"), (_no_eps, "without the 1e-6")],
+                         alternatives=[_clip_with_torch]))
+globals().update(meta_tests(DECLARED))

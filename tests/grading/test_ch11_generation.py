@@ -9,6 +9,7 @@ import qkv.np as qnp
 from qkv.grading import (
     check_greedy_decode,
     check_kv_attention_step,
+    check_sample_decode,
     check_temperature_probs,
     check_top_k,
     check_top_p,
@@ -185,6 +186,53 @@ def _kv(**kw):
     return lambda *a: ch11.kv_step(*a, **kw)
 
 
+def _sampler(order=("t", "k", "p"), fresh=False, stop=True, choose="choice"):
+    """sample_decode as a learner writes it, with the learner's filters above; the keywords make
+    one mistake each. choose="cdf" draws by inverting the cumulative sum (a valid alternative
+    only if it uses the same uniform draw, so it is not offered as one)."""
+    def fn(next_logits, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
+        ids = list(prompt_ids)
+        rng = np.random.default_rng(seed)
+        for _ in range(max_new_tokens):
+            z = np.asarray(next_logits(ids), dtype=float)
+            for step in order:
+                if step == "t":
+                    z = z / temperature
+                elif step == "k" and top_k is not None:
+                    z = top_k_filter(z, top_k)
+                elif step == "p" and top_p is not None:
+                    z = top_p_filter(z, top_p)
+            e = np.exp(z - z.max())
+            probs = e / e.sum()
+            if fresh:
+                rng = np.random.default_rng(seed)
+            token = (int(np.argmax(probs)) if choose == "argmax"
+                     else int(rng.choice(len(probs), p=probs)))
+            ids.append(token)
+            if stop and token == eos_id:
+                break
+        return ids
+    return fn
+
+
+def _sampler_with_library(next_logits, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                          eos_id, seed):
+    """Written differently: qkv.np's filters and softmax, a while loop, an array of ids."""
+    rng = np.random.default_rng(seed)
+    ids = np.array(prompt_ids)
+    new = 0
+    while new < max_new_tokens:
+        z = next_logits(list(ids)) / temperature
+        z = qnp.filter_top_k(z, top_k) if top_k is not None else z
+        z = qnp.filter_top_p(z, top_p) if top_p is not None else z
+        token = rng.choice(z.shape[-1], p=qnp.softmax(z, axis=-1))
+        ids = np.append(ids, token)
+        new += 1
+        if token == eos_id:
+            break
+    return ids.tolist()
+
+
 DECLARED = [
     Declared(check_temperature_probs, mistakes=[
             (lambda x, t: _probs(x / t), "divides by the temperature when it"),
@@ -228,6 +276,13 @@ DECLARED = [
             (_kv(divide_by=1.0), "does not scale the scores"),
             (_kv(causal_softmax=False), "normalise the attention weights"),
     ], alternatives=[cached_attention_step, kv_vstack, kv_einsum]),
+    Declared(check_sample_decode, mistakes=[
+            (_sampler(order=("k", "p", "t")), "filters before dividing by the temperature"),
+            (_sampler(order=("t", "p", "k")), "applies top-p before top-k"),
+            (_sampler(fresh=True), "makes a new generator at every step"),
+            (_sampler(stop=False), "does not stop at the end token"),
+            (_sampler(choose="argmax"), "takes the most likely token"),
+    ], alternatives=[_sampler(), _sampler_with_library]),
 ]
 
 globals().update(meta_tests(DECLARED))

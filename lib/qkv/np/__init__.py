@@ -44,7 +44,14 @@ from .mlp import mlp, mlp_backward, mlp_forward
 from .model import gpt_forward, gpt_loss_backward, gpt_loss_forward, params_from_gpt2_state_dict
 from .positional import sinusoidal_positional_encoding
 from .softmax import softmax, softmax_backward, softmax_forward
-from .train import adamw_init, adamw_step, clip_grad_norm, train_numpy
+from .train import (
+    adamw_init,
+    adamw_step,
+    clip_grad_norm,
+    flatten_params,
+    train_numpy,
+    unflatten_params,
+)
 
 __all__ = [
     "KVCache",
@@ -66,6 +73,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_backward",
     "flash_attention_forward",
+    "flatten_params",
     "gelu",
     "gelu_backward",
     "gelu_forward",
@@ -100,4 +108,5 @@ __all__ = [
     "streaming_logsumexp",
     "streaming_softmax",
     "train_numpy",
+    "unflatten_params",
 ]

@@ -109,3 +109,25 @@ def train_numpy(params, n_head: int, batches, lr, betas=(0.9, 0.999), eps: float
         params, state = adamw_step(params, grads, state, rate, betas, eps, weight_decay)
         losses.append(float(loss))
     return params, losses
+
+
+def flatten_params(params) -> dict:
+    """gpt_forward's nested params as one flat dict: {"wte": ..., "blocks.0.w_qkv": ..., ...}.
+
+    For optimizers written on flat dicts of arrays (chapter 10's adamw_step). The arrays are
+    the same objects, not copies. ``unflatten_params`` is the inverse.
+    """
+    flat = {k: v for k, v in params.items() if k != "blocks"}
+    for i, block in enumerate(params.get("blocks", [])):
+        flat.update({f"blocks.{i}.{k}": v for k, v in block.items()})
+    return flat
+
+
+def unflatten_params(flat: dict) -> dict:
+    """flatten_params's inverse: {"blocks.0.w_qkv": ...} -> {"blocks": [{"w_qkv": ...}], ...}."""
+    params = {k: v for k, v in flat.items() if not k.startswith("blocks.")}
+    n_layer = len({k.split(".")[1] for k in flat if k.startswith("blocks.")})
+    if n_layer:
+        params["blocks"] = [{k.split(".", 2)[2]: v for k, v in flat.items()
+                             if k.startswith(f"blocks.{i}.")} for i in range(n_layer)]
+    return params

@@ -19,7 +19,7 @@ from .linear import linear
 from .loss import cross_entropy
 from .masking import causal_mask
 from .mlp import mlp
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, load_gpt2_weights
 from .positional import sinusoidal_positional_encoding
 from .softmax import softmax
 
@@ -38,6 +38,7 @@ __all__ = [
     "generate",
     "layer_norm",
     "linear",
+    "load_gpt2_weights",
     "merge_heads",
     "mlp",
     "multi_head_attention",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qkv._checks import (
+    GPT2_BLOCK_BUFFERS,
     check_gpt2_state_dict,
     check_min_ndim,
     check_n_head,
@@ -284,3 +285,41 @@ class GPT(nn.Module):
                 w = module.weight  # Linear (d_in, d_out), LayerNorm (d_model,): bias is (d_out,)
                 state[f"{name}.bias"] = torch.zeros(w.shape[-1], dtype=w.dtype, device=w.device)
         return state
+
+
+def load_gpt2_weights(model: nn.Module, state_dict) -> nn.Module:
+    """Copy a GPT-2-format state dict into any nn.Module that names its parameters GPT-2's way.
+
+    The loader for a GPT written from scratch (chapter 12): ``model`` may be ``GPT`` or any
+    module whose ``state_dict()`` keys are GPT-2's (transformer.wte.weight, ...,
+    transformer.h.{i}.attn.c_attn.weight, ...), with linear weights stored (d_in, d_out).
+    state_dict: name -> tensor (or NumPy array), e.g. ``GPT.to_gpt2_state_dict()`` or Hugging
+        Face's GPT2LMHeadModel.state_dict(). lm_head.weight is copied only if the model has
+        such a parameter (a tied model usually does not); the attention-mask buffers are skipped.
+    returns: the model, its parameters overwritten in place (in the model's dtype and device).
+
+    KeyError naming the missing and unexpected keys, ValueError naming a shape that differs.
+    """
+    fn = "load_gpt2_weights"
+    n_layer = check_gpt2_state_dict(fn, state_dict)
+    own = model.state_dict()
+    wanted = {k for k in own if k != "lm_head.weight" or "lm_head.weight" in state_dict}
+    buffers = {f"transformer.h.{i}.{b}" for i in range(n_layer) for b in GPT2_BLOCK_BUFFERS}
+    given = {k for k in state_dict if k not in buffers and (k != "lm_head.weight" or k in own)}
+    missing, unexpected = sorted(given - wanted), sorted(wanted - given)
+    if missing or unexpected:
+        raise KeyError(f"{fn}: the model's parameter names are not GPT-2's: the weights have "
+                       f"{missing} that the model lacks, and the model has {unexpected} that "
+                       f"the weights lack")
+    weights = {}
+    for key in given:
+        w = torch.as_tensor(state_dict[key])
+        if tuple(w.shape) != tuple(own[key].shape):
+            raise ValueError(f"{fn}: {key} is {tuple(own[key].shape)} in the model but "
+                             f"{tuple(w.shape)} in the weights (linear weights are stored "
+                             f"(d_in, d_out), as GPT-2's Conv1D does)")
+        weights[key] = w
+    with torch.no_grad():
+        for key, w in weights.items():
+            own[key].copy_(w)  # state_dict() tensors share storage with the parameters
+    return model

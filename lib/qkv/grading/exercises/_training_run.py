@@ -1,5 +1,6 @@
-"""The training-run kind of chapter 10's loop: a toy model handed to the learner's loop (a bigram
-model, logits = emb[x] @ w + b, on a toy corpus) whose ``loss_and_grads`` records every call,
+"""The training-run kind of chapter 10's loop: a toy model handed to the learner's loop (a
+1-layer GPT, qkv.np's forward and backward, on a toy corpus) whose ``loss_and_grads`` records
+every call,
 and the judge of the run: the calls it made, the optimizer state it carried from step to step
 (replayed with the reference AdamW: moments kept, t = 1, 2, 3, ...), the losses it returned and
 the loss it reached."""
@@ -9,6 +10,10 @@ import math
 import numpy as np
 
 from qkv.np import adamw_step as _ref_adamw_step
+from qkv.np import flatten_params as _flatten
+from qkv.np import gpt_loss_backward as _gpt_loss_backward
+from qkv.np import gpt_loss_forward as _gpt_loss_forward
+from qkv.np import unflatten_params as _unflatten
 
 from .. import _trusted as _t
 from ..engine import Case, Spec, _call, _kind_of_object
@@ -24,60 +29,63 @@ def toy_corpus(hidden: bool) -> str:
     return "a bee can see a sea. a cat can see a bee. " * 14
 
 
+# The toy model: a 1-layer GPT (qkv.np's forward and backward), d_model 16, 2 heads.
+N_HEAD, D_MODEL, CONTEXT = 2, 16, 16
+
+
+def toy_params(vocab: int, seed: int) -> dict:
+    """A GPT's weights as one flat dict (qkv.np.flatten_params's names), GPT-2's init."""
+    rng = _t.default_rng(seed)
+    d = D_MODEL
+
+    def normal(*shape, std=0.02):
+        return rng.normal(0.0, std, size=shape)
+
+    block = {"ln1_gamma": np.ones(d), "ln1_beta": np.zeros(d),
+             "w_qkv": normal(d, 3 * d), "b_qkv": np.zeros(3 * d),
+             "w_out": normal(d, d, std=0.02 / math.sqrt(2)), "b_out": np.zeros(d),
+             "ln2_gamma": np.ones(d), "ln2_beta": np.zeros(d),
+             "w_fc": normal(d, 4 * d), "b_fc": np.zeros(4 * d),
+             "w_proj": normal(4 * d, d, std=0.02 / math.sqrt(2)), "b_proj": np.zeros(d)}
+    return _flatten({"wte": normal(vocab, d), "wpe": normal(CONTEXT, d), "blocks": [block],
+                     "lnf_gamma": np.ones(d), "lnf_beta": np.zeros(d)})
+
+
 def toy_problem(hidden: bool):
-    """(params, ids, vocab): a bigram model logits = emb[x] @ w + b on a toy corpus."""
+    """(params, ids, vocab): a 1-layer GPT's flat params and a toy corpus."""
     text = toy_corpus(hidden)
     chars = sorted(set(text))
     ids = np.array([chars.index(c) for c in text])
-    vocab, d = len(chars), 8
-    rng = _t.default_rng(40 if not hidden else 140)
-    params = {"emb": rng.normal(0.0, 0.1, size=(vocab, d)),
-              "w": rng.normal(0.0, 0.1, size=(d, vocab)),
-              "b": np.zeros(vocab)}
-    return params, ids, vocab
+    return toy_params(len(chars), 40 if not hidden else 140), ids, len(chars)
 
 
 def toy_loss_and_grads(params, x, y):
-    """Mean cross-entropy of the toy bigram model and its gradients (float64)."""
-    emb, w, b = params["emb"], params["w"], params["b"]
-    h = emb[x]  # (batch, seq, d)
-    logits = h @ w + b  # (batch, seq, vocab)
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    probs = np.exp(logits)
-    probs = probs / probs.sum(axis=-1, keepdims=True)
-    n = y.size
-    picked = np.take_along_axis(probs, y[..., None], axis=-1)[..., 0]
-    loss = float(-np.mean(np.log(picked)))
-    dlogits = probs.copy()
-    np.put_along_axis(dlogits, y[..., None], np.take_along_axis(dlogits, y[..., None], -1) - 1,
-                      axis=-1)
-    dlogits /= n
-    d = h.shape[-1]
-    dw = h.reshape(-1, d).T @ dlogits.reshape(-1, w.shape[1])
-    db = dlogits.reshape(-1, w.shape[1]).sum(axis=0)
-    dh = dlogits @ w.T
-    demb = np.zeros_like(emb)
-    np.add.at(demb, x.reshape(-1), dh.reshape(-1, d))
-    return loss, {"emb": demb, "w": dw, "b": db}
+    """Mean cross-entropy of the toy GPT and its gradients, flat dicts in and out (float64)."""
+    loss, cache = _gpt_loss_forward(x, y, _unflatten(params), N_HEAD)
+    return float(loss), _flatten(_gpt_loss_backward(cache))
 
 
 def toy_full_loss(params, ids) -> float:
-    x, y = ids[None, :-1], ids[None, 1:]
+    """The loss over the whole corpus, cut into windows of CONTEXT tokens."""
+    n = (len(ids) - 1) // CONTEXT
+    x = ids[:n * CONTEXT].reshape(n, CONTEXT)
+    y = ids[1:n * CONTEXT + 1].reshape(n, CONTEXT)
     return toy_loss_and_grads(params, x, y)[0]
 
 
 class Recorder:
     """The loss_and_grads handed to the learner's loop: the toy model, recording every call."""
 
-    def __init__(self):
+    def __init__(self, keys):
+        self.keys = tuple(keys)
         self.calls = []  # (params copy, x, y, loss, grads)
         self.problem = None
 
     def __call__(self, params, x, y):
-        if _t.type_(params) is not dict or sorted(params) != ["b", "emb", "w"]:
+        if _t.type_(params) is not dict or sorted(params) != sorted(self.keys):
             self.problem = (f"loss_and_grads was called with params = "
                             f"{_kind_of_object(params)}; pass the dict of arrays "
-                            f"{{'emb', 'w', 'b'}} you are training.")
+                            f"(keys 'wte', 'wpe', 'blocks.0.w_qkv', ...) you are training.")
             raise TypeError(self.problem)
         x, y = np.asarray(x), np.asarray(y)
         copy = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
@@ -91,10 +99,11 @@ class Recorder:
 
 def loop_cases(hidden: bool):
     """[(Case, the loss to reach)]: one run, with a fresh recorder."""
-    steps, batch, context, lr, seed, target = ((150, 8, 16, 0.05, 0, 0.85) if not hidden
+    steps, batch, context, lr, seed, target = ((150, 8, 16, 0.05, 0, 0.5) if not hidden
                                                else (200, 4, 12, 0.03, 7, 1.0))
     params, ids, _ = toy_problem(hidden)
-    return [(Case((Recorder(), params, ids, steps, batch, context, lr, seed), _NAMES), target)]
+    case = Case((Recorder(params), params, ids, steps, batch, context, lr, seed), _NAMES)
+    return [(case, target)]
 
 
 def judge_loop(ex, learner, cases) -> None:

@@ -327,6 +327,114 @@ def _adamw_cases(hidden: bool):
     ]
 
 
+# --- clipping the gradient's global norm ---------------------------------------------------------
+
+
+def _clip_variant(grads, max_norm, *, per_array=False, always=False, l1=False, eps=1e-6,
+                  norm_after=False):
+    """torch.nn.utils.clip_grad_norm_'s rule on a dict of arrays, with one switch per mistake:
+    returns ({name: clipped}, the norm before clipping)."""
+    def norm_of(gs):
+        if l1:
+            return float(sum(np.sum(np.abs(g)) for g in gs))
+        return float(np.sqrt(sum(np.sum(g * g) for g in gs)))
+
+    def scale(n):
+        s = max_norm / (n + eps)
+        return s if always else min(1.0, s)
+
+    if per_array:
+        clipped = {k: g * scale(norm_of([g])) for k, g in grads.items()}
+    else:
+        total = norm_of(grads.values())
+        clipped = {k: g * scale(total) for k, g in grads.items()}
+    norm = norm_of(clipped.values()) if norm_after else norm_of(grads.values())
+    return clipped, norm
+
+
+_CLIP_MISTAKES = [
+    ("clips every array by its own norm: the norm is ONE number over all the arrays together, "
+     "sqrt of the sum of every squared gradient", dict(per_array=True)),
+    ("scales the gradients even when their norm is already below max_norm: the factor is "
+     "min(1, max_norm / (norm + 1e-6))", dict(always=True)),
+    ("measures the norm as the sum of absolute values; the norm here is the L2 norm, "
+     "sqrt(sum of squares)", dict(l1=True)),
+    ("returns the norm after clipping; return the norm the gradients had before",
+     dict(norm_after=True)),
+    ("divides by the norm without the 1e-6 that torch adds: max_norm / (norm + 1e-6)",
+     dict(eps=0.0)),
+]
+
+
+def _clip_cases(hidden: bool):
+    rng = _t.default_rng(60 if not hidden else 160)
+    shapes = ({"wte": (5, 4), "w_qkv": (4, 12), "b_qkv": (12,)} if not hidden
+              else {"w": (3, 3), "gamma": (3,), "table": (2, 3, 2)})
+    big = {k: rng.normal(0.0, 1.0, size=v) for k, v in shapes.items()}
+    small = {k: 0.01 * v for k, v in big.items()}
+    cases = [(big, 1.0, "the norm is above max_norm here: everything is scaled down."),
+             (small, 1.0, "the norm is below max_norm here: nothing changes.")]
+    if hidden:
+        cases.append(({k: v.astype(np.float32) for k, v in big.items()}, 0.5,
+                      "the arrays are float32 here."))
+    return [Case((g, m), ("grads", "max_norm"), note) for g, m, note in cases]
+
+
+def _same_clip(got, got_norm, clipped, norm, tol) -> bool:
+    return (all(_t.close(got[k], clipped[k], **tol) for k in clipped)
+            and _t.close(_t.asarray(got_norm), _t.asarray(norm), **tol))
+
+
+def _judge_clip(ex, learner, cases) -> None:
+    name = ex.name
+    for case in cases:
+        grads, max_norm = case.args
+        want, want_norm = _clip_variant({k: v.astype(np.float64) for k, v in grads.items()},
+                                        max_norm)
+        with _t.pristine():
+            out = _call(Spec(name, None, None), learner, case)
+        if not (_t.type_(out) is tuple or _t.type_(out) is list) or _t.len_(out) != 2:
+            raise AssertionError(f"{name} should return (clipped, norm); it returned "
+                                 f"{_kind_of_object(out)} for {_describe(case)}.")
+        clipped, norm = out
+        if _t.type_(clipped) is not dict or sorted(clipped) != sorted(grads):
+            raise AssertionError(f"{name} should return the clipped gradients as a dict with the "
+                                 f"keys of grads, {sorted(grads)}; it returned "
+                                 f"{_kind_of_object(clipped)} for {_describe(case)}.")
+        got = {k: _as_array(Spec(name, None, None), clipped[k], f"clipped[{k!r}]", "float", case)
+               for k in grads}
+        try:
+            got_norm = float(norm)
+        except Exception:
+            raise AssertionError(f"{name} should return the norm as a number; it returned "
+                                 f"{_kind_of_object(norm)} for {_describe(case)}.") from None
+        single = any(g.dtype == np.float32 for g in got.values())
+        tol = _t.tolerances["float32_op" if single else "float64"]
+
+        if _same_clip(got, got_norm, want, want_norm, tol):
+            continue
+        for says, switch in _CLIP_MISTAKES:
+            wrong = _clip_variant({k: v.astype(np.float64) for k, v in grads.items()}, max_norm,
+                                  **switch)
+            if _same_clip(got, got_norm, *wrong, tol):
+                raise AssertionError(f"{name} {says}.")
+        bad = next((k for k in grads if not _t.close(got[k], want[k], **tol)), None)
+        what = (f"clipped[{bad!r}] differs from the expected values" if bad is not None else
+                f"the norm is {got_norm:.6g}, expected {want_norm:.6g}")
+        raise AssertionError(_with_note(f"{name}: {what} for {_describe(case)}.", case))
+
+
+CLIP_GRAD_NORM = Exercise(
+    name="clip_grad_norm",
+    reference=None,
+    visible=lambda: _clip_cases(False),
+    hidden=lambda: _clip_cases(True),
+    output=Judged(_judge_clip, "scales every gradient by one factor from the global norm"),
+    backends=("numpy",),
+    doc="clip_grad_norm(grads, max_norm) -> (clipped, norm): every array times "
+        "min(1, max_norm / (norm + 1e-6)), norm = sqrt of the sum of all squared entries.",
+)
+
 MAKE_BATCH = Exercise(
     name="make_batch",
     reference=None,
@@ -367,4 +475,4 @@ TRAINING_LOOP = Exercise(
         "batch from one generator; one loss per step; the toy model must reach a target loss.",
 )
 
-EXERCISES = [MAKE_BATCH, ADAMW_STEP, TRAINING_LOOP]
+EXERCISES = [MAKE_BATCH, ADAMW_STEP, TRAINING_LOOP, CLIP_GRAD_NORM]

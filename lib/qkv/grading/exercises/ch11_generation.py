@@ -13,6 +13,7 @@ from ..engine import Case, Mistake, _normal
 from ..exercise import Exercise
 from ..kinds import Filter, Parts, Value
 from ..variants import keep_top, kv_step, nucleus, plain_softmax
+from ._sampling import SAMPLE_DECODE
 
 # --- temperature --------------------------------------------------------------------------------
 
@@ -464,4 +465,4 @@ KV_ATTENTION_STEP = Exercise(
         "(d_head,), caches (t + 1, d_head). Run from empty caches it equals causal attention.",
 )
 
-EXERCISES = [TEMPERATURE_PROBS, TOP_K, TOP_P, GREEDY_DECODE, KV_ATTENTION_STEP]
+EXERCISES = [TEMPERATURE_PROBS, TOP_K, TOP_P, GREEDY_DECODE, KV_ATTENTION_STEP, SAMPLE_DECODE]
