@@ -174,7 +174,9 @@ def silent():
             contextlib.redirect_stderr(err):
         warnings.simplefilter("always")
         yield
-    assert out.getvalue() == "" and err.getvalue() == "" and caught == []
+    # A passing visible test prints one line to stdout (issue 12, finding 7); nothing else.
+    assert all(line.startswith("\u2713 ") for line in out.getvalue().splitlines()), out.getvalue()
+    assert err.getvalue() == "" and caught == []
 
 
 # ------------------------------------------------------------------------------------------------

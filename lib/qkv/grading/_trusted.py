@@ -45,6 +45,7 @@ tuple_ = tuple
 setattr_ = setattr
 delattr_ = delattr
 vars_ = vars
+print_ = print  # the line a passing visible test prints
 module_type = types.ModuleType
 
 # --- numpy ------------------------------------------------------------------------------------

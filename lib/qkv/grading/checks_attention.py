@@ -13,7 +13,7 @@ from itertools import permutations
 import numpy as np
 
 from . import _trusted as _t
-from .engine import (
+from ._legacy import (
     Case,
     Mistake,
     Spec,

@@ -25,10 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _trusted as _t
-from .checks_attention import (
-    _block_args,
-)
-from .engine import (
+from ._legacy import (
     Case,
     Mistake,
     Spec,
@@ -48,6 +45,9 @@ from .engine import (
     _run_value,
     _shape,
     _with_note,
+)
+from .checks_attention import (
+    _block_args,
 )
 
 _GRAD_TOL = _t.tolerances["float64_gradcheck"]["rel_err"]

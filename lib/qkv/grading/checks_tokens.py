@@ -11,11 +11,7 @@ from functools import partial
 import numpy as np
 
 from . import _trusted as _t
-from .checks_attention import (
-    _mha_cases,
-    _mha_mistakes,
-)
-from .engine import (
+from ._legacy import (
     Case,
     Mistake,
     Spec,
@@ -27,6 +23,10 @@ from .engine import (
     _run_value,
     _shape,
     _Shown,
+)
+from .checks_attention import (
+    _mha_cases,
+    _mha_mistakes,
 )
 
 # --- chapter 1: encode ---------------------------------------------------------------------------
@@ -475,7 +475,9 @@ def _add_positions_cases(hidden: bool):
                 Case((rng.integers(0, 7, size=(2, 5)), _normal(rng, 7, 8), _normal(rng, 10, 8)),
                      names, "token_ids is a batch here, (batch, seq) = (2, 5), and positions "
                      "a learned table: every sequence gets positions[:seq], with "
-                     "seq = token_ids.shape[-1] (len(token_ids) is the batch size).")]
+                     "seq = token_ids.shape[-1] (len(token_ids) is the batch size).",
+                     on_error="token_ids is a batch here, (batch, seq) = (2, 5): take "
+                     "seq = token_ids.shape[-1] positions (len(token_ids) is the batch size).")]
     rng = _t.default_rng(121)
     return [Case((rng.integers(0, 5, size=6), _normal(rng, 5, 6), _normal(rng, 6, 6)), names,
                  "Here seq equals the context length."),
@@ -628,12 +630,14 @@ def _linear_cases(hidden: bool):
                 Case((_normal(rng, 5, 6), _normal(rng, 6, 3), _normal(rng, 3)), names,
                      "w is stored (d_in, d_out) = (6, 3): the product is x @ w."),
                 Case((_normal(rng, 2, 3, 6), _normal(rng, 6, 2), None), names,
-                     "b is None here: no bias. x is (batch, seq, d_in) = (2, 3, 6).")]
+                     "b is None here: no bias. x is (batch, seq, d_in) = (2, 3, 6).",
+                     on_error="b is None here: no bias, so add nothing (check `if b is None`).")]
     rng = _t.default_rng(131)
     return [Case((_normal(rng, 6), _normal(rng, 6, 4), _normal(rng, 4)), names,
                  "x is a single vector of shape (d_in,) = (6,) here."),
             Case((_normal(rng, 3, 5, dtype=np.float32), _normal(rng, 5, 5, dtype=np.float32),
-                  None), names, "x and w are float32 and b is None here."),
+                  None), names, "x and w are float32 and b is None here.",
+                 on_error="b is None here: no bias, so add nothing (check `if b is None`)."),
             Case((_normal(rng, 1, 1), _normal(rng, 1, 1), _normal(rng, 1)), names),
             Case((_normal(rng, 2, 2, 3, 8), _normal(rng, 8, 8), _normal(rng, 8)), names)]
 
@@ -683,12 +687,13 @@ def _score_table_cases(hidden: bool):
         rng = _t.default_rng(32)
         return [Case((_normal(rng, 5, 6), _normal(rng, 6, 3), _normal(rng, 6, 3)), names),
                 Case((_normal(rng, 2, 4, 6), _normal(rng, 6, 2), _normal(rng, 6, 2)), names,
-                     batched)]
+                     batched, on_error=batched)]
     rng = _t.default_rng(132)
     return [Case((_normal(rng, 1, 3), _normal(rng, 3, 1), _normal(rng, 3, 1)), names),
             Case((_normal(rng, 6, 8, dtype=np.float32), _normal(rng, 8, 4, dtype=np.float32),
                   _normal(rng, 8, 4, dtype=np.float32)), names, "Everything is float32 here."),
-            Case((_normal(rng, 3, 5, 4), _normal(rng, 4, 4), _normal(rng, 4, 4)), names, batched),
+            Case((_normal(rng, 3, 5, 4), _normal(rng, 4, 4), _normal(rng, 4, 4)), names, batched,
+                 on_error=batched),
             Case((_normal(rng, 7, 8), _normal(rng, 8, 8), _normal(rng, 8, 8)), names)]
 
 

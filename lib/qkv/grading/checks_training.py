@@ -26,7 +26,7 @@ from qkv.np import filter_top_k as _ref_top_k
 from qkv.np import filter_top_p as _ref_top_p
 
 from . import _trusted as _t
-from .engine import (
+from ._legacy import (
     Case,
     Mistake,
     Spec,
