@@ -227,3 +227,25 @@ def test_transformers_reports_the_same_stream_and_patterns(ids):
     for i, attn in enumerate(out.attentions):
         torch.testing.assert_close(cache[f"blocks.{i}.attn.pattern"], attn, **TOL["float64"])
     torch.testing.assert_close(logits, out.logits, **TOL["float64"])
+
+
+def test_attention_only_model_has_no_mlp_and_keeps_it_off():
+    from qkv.pt.induction import attention_only, split_losses, train_induction
+
+    cfg = GPTConfig(vocab_size=16, context_length=12, n_layer=2, n_head=2, d_model=8)
+    model, history = train_induction(cfg, steps=3, batch_size=4, halves=(3, 6), eval_half=5,
+                                     eval_every=1, progress=False)
+    assert history["step"] == [0, 1, 2, 3]
+    ids = repeated_tokens(2, 5, 16, torch.Generator().manual_seed(0))
+    logits, cache = model.run_with_cache(ids)
+    for i in range(2):  # the frozen zero MLP adds exactly nothing, even after training
+        assert torch.equal(cache[f"blocks.{i}.mlp.out"], torch.zeros(2, 10, 8))
+    fresh = attention_only(cfg, torch.Generator().manual_seed(0))
+    assert all(not p.requires_grad for b in fresh.transformer.h for p in b.mlp.parameters())
+    # split_losses: first half predicts tokens 1..4, the copy tokens 6..9 (by hand)
+    lp = torch.log_softmax(logits.detach(), -1)
+    first = -torch.stack([lp[:, t].gather(-1, ids[:, t + 1, None])[:, 0]
+                          for t in range(0, 4)]).mean()
+    rep = -torch.stack([lp[:, t].gather(-1, ids[:, t + 1, None])[:, 0] for t in range(5, 9)]).mean()
+    got = split_losses(logits.detach(), ids, 5)
+    assert abs(got["first"] - first.item()) < 1e-5 and abs(got["repeated"] - rep.item()) < 1e-5
