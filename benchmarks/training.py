@@ -145,7 +145,7 @@ def step_comparison(qtrain, threads: int, quick: bool) -> list[dict]:
     y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.context_length), generator=gen)
 
     ours = qtrain.GPT(qtrain.model_config(cfg, VOCAB), generator=gen)
-    ours_opt = qtrain.make_optimizer(ours, cfg, torch.device("cpu"))
+    ours_opt = qtrain.make_optimizer(ours, cfg)
     theirs = nn_layout_gpt(*sizes)
     theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 

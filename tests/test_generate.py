@@ -9,7 +9,8 @@ import torch
 
 import qkv.np as npgen
 import qkv.pt as qpt
-from qkv.pt import GPT, GPTConfig, filter_top_k, filter_top_p, generate
+from qkv.pt import GPT, GPTConfig, KVCache, filter_top_k, filter_top_p, generate
+from qkv.tolerances import TOL
 
 VOCAB, CONTEXT = 11, 8
 
@@ -57,18 +58,91 @@ def test_kv_cache_gives_the_tokens_of_a_full_recomputation(prompt, sampling, fus
     assert cached[:len(prompt)].tolist() == prompt and len(cached) == len(prompt) + n_new
 
 
-def test_the_cached_logits_equal_the_full_forward(model):
-    # The step under the token choice: the cache's last-position logits, token by token.
-    from qkv.pt.generate import _forward_with_cache
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "naive"])
+def test_the_cached_logits_equal_the_full_forward(fused):
+    # The step under the token choice: the model's own forward with a KV cache, token by token,
+    # against the same forward on the whole prefix (a batch of two sequences at once).
+    model = make_model(fused=fused)
+    ids = torch.tensor([[1, 4, 1, 5, 9, 2, 6], [3, 3, 0, 10, 7, 1, 2]])
+    cache = KVCache(2)
+    with torch.no_grad():
+        logits = model(ids[:, :3], kv_cache=cache)  # (2, 3, vocab): the prompt in one pass
+        torch.testing.assert_close(logits, model(ids[:, :3]), **TOL["float64"])
+        for t in range(3, ids.shape[1]):
+            logits = model(ids[:, t:t + 1], kv_cache=cache)  # (2, 1, vocab)
+            assert cache.pos == t + 1 and cache.layers[1]["k"].shape == (2, 2, t + 1, 8)
+            torch.testing.assert_close(logits[:, -1], model(ids[:, :t + 1])[:, -1],
+                                       **TOL["float64"])
 
-    ids = torch.tensor([1, 4, 1, 5, 9, 2, 6])
-    cache = [None] * 2
-    logits = _forward_with_cache(model, ids[:3], cache, start=0)
-    torch.testing.assert_close(logits, model(ids[:3])[-1], rtol=1e-12, atol=1e-12)
-    for t in range(3, len(ids)):
-        logits = _forward_with_cache(model, ids[t:t + 1], cache, start=t)
-        assert cache[0][0].shape == (2, t + 1, 8)  # (n_head, seq so far, d_head)
-        torch.testing.assert_close(logits, model(ids[:t + 1])[-1], rtol=1e-12, atol=1e-12)
+
+def test_generation_runs_the_models_own_forward_one_token_per_step(monkeypatch):
+    # One wiring: every step goes through GPT.forward (no second copy of the block); with the
+    # cache, the prompt runs once and then each step feeds one token, until the window slides.
+    model = make_model()
+    seen = []
+    forward = GPT.forward
+
+    def spy(self, token_ids, targets=None, kv_cache=None):
+        seen.append((token_ids.shape[-1], None if kv_cache is None else kv_cache.pos))
+        return forward(self, token_ids, targets, kv_cache)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    generate(model, [1, 2, 3], 7, temperature=0)  # 3 + 7 = 10 > CONTEXT = 8
+    # prompt (3 at pos 0), then one token at pos 3..7 (the last fills the window to 8), then
+    # the window slides: the whole 8 again from pos 0, every step
+    assert seen == [(3, 0), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (8, 0)]
+    seen.clear()
+    generate(model, [1, 2, 3], 3, temperature=0, use_cache=False)
+    assert seen == [(3, None), (4, None), (5, None)]
+
+
+def test_numpy_cached_logits_equal_the_full_forward_and_torch(model):
+    params, n_head = model.numpy_params(), model.config.n_head
+    ids = np.array([2, 7, 1, 8, 2, 8])
+    cache = npgen.KVCache(2)
+    npgen.gpt_forward(ids[:2], params, n_head, kv_cache=cache)
+    for t in range(2, len(ids)):
+        logits = npgen.gpt_forward(ids[t:t + 1], params, n_head, kv_cache=cache)[-1]
+        np.testing.assert_allclose(logits, npgen.gpt_forward(ids[:t + 1], params, n_head)[-1],
+                                   **TOL["float64"])
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(ids[:t + 1]))[-1].numpy()
+        np.testing.assert_allclose(logits, theirs, **TOL["float64"])
+
+
+@pytest.mark.parametrize("lib", ["pt", "np"])
+def test_attention_with_a_cache_and_a_padding_mask(lib):
+    # One layer, a cached prefix of 4 and 2 new positions; a padding mask over all 6 keys
+    # blocks key 1 for the first sequence. Same result as the full pass over 6 positions.
+    rng = np.random.default_rng(5)
+    x, w_qkv, w_out = rng.normal(size=(2, 6, 8)), rng.normal(size=(8, 24)), rng.normal(size=(8, 8))
+    b_qkv, b_out = rng.normal(size=24), rng.normal(size=8)
+    keys = np.ones((2, 1, 6), dtype=bool)
+    keys[0, 0, 1] = False
+    mod, arr = (qpt, torch.from_numpy) if lib == "pt" else (npgen, np.asarray)
+    args = [arr(a) for a in (w_qkv, b_qkv, w_out, b_out)]
+    full = mod.multi_head_attention(arr(x), *args, 2, mask=arr(keys))
+    layer = {}
+    mod.multi_head_attention(arr(x[:, :4]), *args, 2, mask=arr(keys[..., :4]), kv_cache=layer)
+    new = mod.multi_head_attention(arr(x[:, 4:]), *args, 2, mask=arr(keys), kv_cache=layer)
+    assert tuple(layer["k"].shape) == (2, 2, 6, 4)
+    np.testing.assert_allclose(np.asarray(new), np.asarray(full)[:, 4:], **TOL["float64"])
+
+
+def test_bad_kv_cache(model):
+    with pytest.raises(ValueError, match=r"^GPT.forward: kv_cache has 3 layers; the model has "
+                                         r"n_layer 2$"):
+        model(torch.tensor([1]), kv_cache=KVCache(3))
+    cache = KVCache(2)
+    with torch.no_grad():
+        model(torch.tensor([1] * 6), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"^GPT.forward: 6 cached \+ 3 new positions exceed the "
+                                         r"context 8"):
+        model(torch.tensor([1, 2, 3]), kv_cache=cache)
+    with pytest.raises(TypeError, match=r"^multi_head_attention: kv_cache must be one layer's "
+                                        r"entry"):
+        qpt.decoder_block(torch.zeros(1, 16, dtype=torch.float64),
+                          model.transformer.h[0].params(), 2, kv_cache=cache)
 
 
 @pytest.mark.parametrize("prompt", [PROMPTS[1], PROMPTS[3]], ids=["short", "long"])
@@ -181,22 +255,32 @@ def test_np_and_pt_filters_agree_on_random_logits():
 
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[3]], ids=["short", "long"])
 def test_numpy_greedy_equals_pytorch_greedy(model, prompt):
-    params = model.numpy_params()
-    ours = npgen.generate(params, model.config.n_head, prompt, 12, temperature=0)
+    ours_model = (model.numpy_params(), model.config.n_head)
     theirs = generate(model, prompt, 12, temperature=0)
-    assert ours.tolist() == theirs.tolist()
+    for use_cache in (True, False):
+        ours = npgen.generate(ours_model, prompt, 12, temperature=0, use_cache=use_cache)
+        assert ours.tolist() == theirs.tolist()
     eos = int(theirs[len(prompt) + 2])
-    stopped = npgen.generate(params, model.config.n_head, prompt, 12, temperature=0, eos_id=eos)
+    stopped = npgen.generate(ours_model, prompt, 12, temperature=0, eos_id=eos)
     assert stopped.tolist() == generate(model, prompt, 12, temperature=0, eos_id=eos).tolist()
 
 
 def test_numpy_sampling_is_seeded_and_filtered(model):
-    params, n_head = model.numpy_params(), model.config.n_head
-    a = npgen.generate(params, n_head, [1], 15, temperature=1.0, seed=2)
-    b = npgen.generate(params, n_head, [1], 15, temperature=1.0, seed=2)
+    ours = (model.numpy_params(), model.config.n_head)
+    a = npgen.generate(ours, [1], 15, temperature=1.0, seed=2)
+    b = npgen.generate(ours, [1], 15, temperature=1.0, seed=2)
     assert a.tolist() == b.tolist()
-    one = npgen.generate(params, n_head, [1], 15, temperature=1.0, top_k=1, seed=2)
-    assert one.tolist() == npgen.generate(params, n_head, [1], 15, temperature=0).tolist()
+    one = npgen.generate(ours, [1], 15, temperature=1.0, top_k=1, seed=2)
+    assert one.tolist() == npgen.generate(ours, [1], 15, temperature=0).tolist()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["1", "5", "8=context", "12>context"])
+def test_numpy_kv_cache_gives_the_tokens_of_a_full_recomputation(model, prompt):
+    ours = (model.numpy_params(), model.config.n_head)
+    for sampling in (dict(temperature=0.0), dict(temperature=0.8, top_k=5, top_p=0.9, seed=1)):
+        cached = npgen.generate(ours, prompt, 14, use_cache=True, **sampling)
+        assert cached.tolist() == npgen.generate(ours, prompt, 14, use_cache=False,
+                                                 **sampling).tolist()
 
 
 # ----- bad input and the command line --------------------------------------------------------

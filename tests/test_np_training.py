@@ -37,7 +37,7 @@ def batches(n, seed=0, batch=4, context=8):
 def torch_losses(model, data, lr, weight_decay, grad_clip, betas=(0.9, 0.99)):
     cfg = TrainConfig(lr=lr(0) if callable(lr) else lr, weight_decay=weight_decay,
                       beta1=betas[0], beta2=betas[1])
-    opt = make_optimizer(model, cfg, torch.device("cpu"))  # qkv.train's own param groups
+    opt = make_optimizer(model, cfg)  # qkv.train's own param groups
     losses = []
     for step, (x, y) in enumerate(data):
         for group in opt.param_groups:

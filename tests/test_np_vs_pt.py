@@ -5,6 +5,8 @@ float64: tight (TOL["float64"]); float32: one op at TOL["float32_op"], the model
 TOL["float32_model"]. Functions with a fused path in qkv.pt run through it too.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -123,9 +125,31 @@ def test_every_function_is_compared():
     compared = {c[0] for c in cases()}
     shared = set(qnp.__all__) & set(qpt.__all__)
     # The mask and the table take sizes, not arrays (tested by hand in test_hand_worked.py);
-    # generation and its filters are compared across backends in test_generate.py.
+    # generation, its filters and the KV cache (one class for both) are compared across
+    # backends in test_generate.py.
     assert shared - compared == {"causal_mask", "sinusoidal_positional_encoding",
-                                 "generate", "filter_top_k", "filter_top_p"}
+                                 "generate", "filter_top_k", "filter_top_p", "KVCache"}
+
+
+# qkv.pt may add these: `fused`, and where a function builds a tensor from sizes alone (no input
+# to take them from), keyword-only `device` and `dtype`.
+PT_ONLY = {"fused", "device", "dtype"}
+
+
+def _parameters(fn, skip=()):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
+            if p.name not in skip]
+
+
+@pytest.mark.parametrize("name", sorted(set(qnp.__all__) & set(qpt.__all__)))
+def test_shared_names_take_the_same_parameters(name):
+    """Same parameter names, order, kinds and defaults in both backends (except PT_ONLY)."""
+    ours, theirs = getattr(qnp, name), getattr(qpt, name)
+    extra = [p for p in inspect.signature(theirs).parameters.values()
+             if p.name in PT_ONLY - {"fused"}]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra), name
+    assert _parameters(ours) == _parameters(theirs, skip=PT_ONLY), (
+        f"{name}: qkv.np{inspect.signature(ours)} vs qkv.pt{inspect.signature(theirs)}")
 
 
 @pytest.mark.parametrize("seq_q, seq_k", [(1, 1), (3, 3), (2, 5), (5, 2), (0, 3)])

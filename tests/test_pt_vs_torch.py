@@ -1,8 +1,11 @@
 """qkv.pt against PyTorch's own ops, on the same weights.
 
-PyTorch is the independent reference here: F.softmax, F.scaled_dot_product_attention,
-nn.MultiheadAttention, nn.LayerNorm, F.gelu, F.cross_entropy, F.embedding, F.linear.
-Every test runs on CPU and (when there is a GPU) on CUDA, and attention runs on both paths.
+PyTorch is the independent reference for the naive path: F.softmax,
+F.scaled_dot_product_attention, nn.MultiheadAttention, nn.LayerNorm, F.gelu, F.cross_entropy,
+F.embedding, F.linear. The fused path IS some of those calls, so where it is (gelu, layer_norm,
+attention without a mask or with the square causal mask, mlp, cross_entropy) both paths are also
+held to the formula written out here in float64 NumPy (``ref64``), which shares no code with
+torch or qkv. Every test runs on CPU and (when there is a GPU) on CUDA.
 """
 
 import math
@@ -35,6 +38,45 @@ def close(actual, expected, dtype=torch.float32):
     torch.testing.assert_close(actual, expected, **TOL_OF[dtype])
 
 
+# --- the formulas by hand, in float64 NumPy ------------------------------------------------------
+
+def ref64(formula, *tensors, like):
+    """formula on float64 NumPy copies of the tensors, returned as a tensor shaped, typed and
+    placed like ``like`` (the float64 result rounded once to like's dtype)."""
+    arrays = [None if t is None else t.detach().cpu().to(torch.float64).numpy() for t in tensors]
+    return torch.as_tensor(np.asarray(formula(*arrays)), dtype=like.dtype, device=like.device)
+
+
+def gelu64(x):  # GPT-2's tanh approximation (Hendrycks & Gimpel 2016, eq. 2)
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def layer_norm64(x, gamma, beta, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased, as layer norm defines it
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def attention64(q, k, v, allowed=None):
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    if allowed is not None:
+        scores = np.where(allowed, scores, -np.inf)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True) @ v
+
+
+def mlp64(x, w_fc, b_fc, w_proj, b_proj):
+    return gelu64(x @ w_fc + b_fc) @ w_proj + b_proj
+
+
+def cross_entropy64(logits, targets, ignore_index=None):
+    m = logits.max(axis=-1, keepdims=True)
+    log_z = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+    keep = np.ones(targets.shape, bool) if ignore_index is None else targets != ignore_index
+    picked = np.take_along_axis(logits, np.where(keep, targets, 0)[..., None], -1)[..., 0]
+    return (log_z - picked)[keep].mean()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("axis", [-1, 0, 1])
 def test_softmax(device, dtype, axis):
@@ -50,7 +92,9 @@ def test_attention_no_mask(device, dtype, fused):
     k = randn(2, 3, 7, 8, device=device, dtype=dtype, seed=2)  # (batch, n_head, seq_k, d_head)
     v = randn(2, 3, 7, 4, device=device, dtype=dtype, seed=3)  # (batch, n_head, seq_k, d_v)
     out = qpt.scaled_dot_product_attention(q, k, v, fused=fused)
-    close(out, F.scaled_dot_product_attention(q, k, v), dtype)
+    if not fused:  # the fused path is this very call
+        close(out, F.scaled_dot_product_attention(q, k, v), dtype)
+    close(out, ref64(attention64, q, k, v, like=out), dtype)
 
 
 @pytest.mark.parametrize("fused", PATHS)
@@ -58,7 +102,10 @@ def test_attention_no_mask(device, dtype, fused):
 def test_attention_causal_square(device, dtype, fused):
     q, k, v = (randn(2, 3, 6, 8, device=device, dtype=dtype, seed=s) for s in (1, 2, 3))
     out = qpt.scaled_dot_product_attention(q, k, v, causal=True, fused=fused)
-    close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), dtype)
+    if not fused:  # the fused path is this very call
+        close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), dtype)
+    lower = np.tril(np.ones((6, 6), bool))  # query i sees keys 0..i
+    close(out, ref64(lambda *a: attention64(*a, lower), q, k, v, like=out), dtype)
 
 
 @pytest.mark.parametrize("fused", PATHS)
@@ -140,14 +187,20 @@ def test_layer_norm_vs_nn(device, dtype, fused):
     with torch.no_grad():
         ln.weight.copy_(randn(16, device=device, dtype=dtype, seed=1))
         ln.bias.copy_(randn(16, device=device, dtype=dtype, seed=2))
-    close(qpt.layer_norm(x, ln.weight, ln.bias, fused=fused), ln(x), dtype)
+    out = qpt.layer_norm(x, ln.weight, ln.bias, fused=fused)
+    if not fused:  # the fused path is F.layer_norm, what nn.LayerNorm calls
+        close(out, ln(x), dtype)
+    close(out, ref64(layer_norm64, x, ln.weight, ln.bias, like=out), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fused", PATHS)
 def test_gelu_vs_torch(device, dtype, fused):
     x = torch.linspace(-8, 8, 401, device=device, dtype=dtype)
-    close(qpt.gelu(x, fused=fused), F.gelu(x, approximate="tanh"), dtype)
+    out = qpt.gelu(x, fused=fused)
+    if not fused:  # the fused path is this very call
+        close(out, F.gelu(x, approximate="tanh"), dtype)
+    close(out, ref64(gelu64, x, like=out), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,10 +212,14 @@ def test_cross_entropy_vs_torch(device, dtype, ignore_index, fused):
     targets = torch.randint(0, 11, (3, 7), generator=g).to(device)
     if ignore_index == -1:
         targets[:, -2:] = -1  # padding
-    expected = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1),
-                               ignore_index=-100 if ignore_index is None else ignore_index)
-    close(qpt.cross_entropy(logits, targets, ignore_index=ignore_index, fused=fused), expected,
-          dtype)
+    out = qpt.cross_entropy(logits, targets, ignore_index=ignore_index, fused=fused)
+    if not fused:  # the fused path is this very call
+        expected = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1),
+                                   ignore_index=-100 if ignore_index is None else ignore_index)
+        close(out, expected, dtype)
+    hand = ref64(lambda z, t: cross_entropy64(z, t.astype(np.int64), ignore_index), logits,
+                 targets, like=out)
+    close(out, hand, dtype)
 
 
 def test_cross_entropy_all_ignored_is_nan_like_torch(device):
@@ -195,8 +252,11 @@ def test_mlp_vs_torch(device, fused):
     x = randn(2, 5, 8, device=device)
     w_fc, b_fc = randn(8, 32, device=device, seed=1) / 3, randn(32, device=device, seed=2)
     w_proj, b_proj = randn(32, 8, device=device, seed=3) / 6, randn(8, device=device, seed=4)
-    expected = F.linear(F.gelu(F.linear(x, w_fc.T, b_fc), approximate="tanh"), w_proj.T, b_proj)
-    close(qpt.mlp(x, w_fc, b_fc, w_proj, b_proj, fused=fused), expected)
+    out = qpt.mlp(x, w_fc, b_fc, w_proj, b_proj, fused=fused)
+    if not fused:  # the fused path is these very calls
+        close(out, F.linear(F.gelu(F.linear(x, w_fc.T, b_fc), approximate="tanh"), w_proj.T,
+                            b_proj))
+    close(out, ref64(mlp64, x, w_fc, b_fc, w_proj, b_proj, like=out))
 
 
 def test_causal_mask_vs_tril(device):

@@ -122,7 +122,7 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint(corpus, tmp_path
 
 def test_weight_decay_on_matrices_only():
     model = GPT(GPTConfig(vocab_size=11, context_length=8, n_layer=2, n_head=2, d_model=8))
-    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -153,7 +153,7 @@ def test_the_run_uses_the_schedule(corpus, tmp_path):
 def test_gradient_clipping_bounds_the_norm():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, context_length=8, n_layer=1, n_head=2, d_model=8))
-    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    opt = make_optimizer(model, TrainConfig())
     x, y = torch.randint(11, (4, 8)), torch.randint(11, (4, 8))
 
     def grad_norm():

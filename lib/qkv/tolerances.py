@@ -26,5 +26,3 @@ TOL = {
     # Analytic gradient vs numerical gradient in float64 (not allclose kwargs: one number).
     "float64_gradcheck": dict(rel_err=1e-7),
 }
-
-GRAD_CHECK_REL_ERR = TOL["float64_gradcheck"]["rel_err"]

@@ -111,7 +111,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * r))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW with two parameter groups: matrices (decayed) and vectors (not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied wte counts once
     groups = [
@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
 
     mcfg = model_config(cfg, tok.vocab_size)
     model = GPT(mcfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # batch offsets, on the CPU
     torch.manual_seed(cfg.seed)  # dropout draws from torch's global generator
     history = {"train_loss": [], "lr": [], "evals": []}

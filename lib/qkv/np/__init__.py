@@ -12,6 +12,8 @@ intermediate values (layer norm's x_hat, gelu's tanh, the loss's softmax), the p
 calls ``*_forward`` and drops the cache. ``qkv.np.gradcheck`` checks a backward numerically.
 """
 
+from qkv._kv_cache import KVCache
+
 from .attention import (
     attention_backward,
     attention_forward,
@@ -38,6 +40,7 @@ from .softmax import softmax, softmax_backward, softmax_forward
 from .train import adamw_init, adamw_step, clip_grad_norm, train_numpy
 
 __all__ = [
+    "KVCache",
     "adamw_init",
     "adamw_step",
     "attention_backward",

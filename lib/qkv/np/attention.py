@@ -17,6 +17,7 @@ from qkv._checks import (
     check_shape,
     shape_of,
 )
+from qkv._kv_cache import cached_seq
 
 from .linear import linear_backward, linear_forward
 from .masking import causal_mask
@@ -124,21 +125,27 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
 
 
 def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causal=True,
-                         return_weights=False):
+                         return_weights=False, kv_cache=None):
     """Self-attention with n_head heads, then the output projection.
 
     x:     (..., seq, d_model)
     w_qkv: (d_model, 3*d_model), columns [Q | K | V];  b_qkv: (3*d_model,) or None
     w_out: (d_model, d_model);                         b_out: (d_model,) or None
-    mask:  bool, broadcastable to (..., seq, seq), the same for every head; True = may attend.
+    mask:  bool, broadcastable to (..., seq, seq_k), the same for every head; True = may attend
+        (seq_k = seq, plus the cached positions with kv_cache).
     causal: AND in the causal mask (default True: a decoder never looks ahead).
-    returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq)) if return_weights.
+    kv_cache: None, or this layer's entry of a KVCache (a dict, {} at first): x's keys and
+        values are appended to it (each (..., n_head, seq_k, d_head) afterwards) and x's queries
+        attend over all of them; the bottom-right causal mask lets the new query j see the
+        cached keys and its own past, exactly what it would see in one full pass.
+    returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq_k)) if return_weights.
     """
     # The steps live in multi_head_attention_forward; its cache holds the weights.
     out, cache = multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=mask,
-                                              causal=causal, keep_cache=return_weights)
+                                              causal=causal, keep_cache=return_weights,
+                                              kv_cache=kv_cache)
     if return_weights:
-        weights = cache["attn"][-1]  # (..., n_head, seq, seq): kept by attention_forward
+        weights = cache["attn"][-1]  # (..., n_head, seq, seq_k): kept by attention_forward
         return out, weights
     return out
 
@@ -185,12 +192,14 @@ def _sum_to_shape(grad, shape):
 
 
 def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None,
-                                 causal=True, keep_cache=True):
+                                 causal=True, keep_cache=True, kv_cache=None):
     """multi_head_attention (without return_weights), and the cache its backward needs.
 
     Arguments and output as in multi_head_attention; returns out (..., seq, d_model), cache.
     keep_cache=False: only the output is wanted (cache is None), so the attention weights,
     n_head x seq x seq numbers per batch entry, are never stored.
+    kv_cache (generation's KV cache, not the backward's): as in multi_head_attention; the
+    backward pass does not support it (the cached keys' inputs are gone).
     """
     fn = "multi_head_attention"
     check_float(fn, "x", x)
@@ -199,13 +208,19 @@ def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=Non
     check_n_head(fn, d_model, n_head)
     check_shape(fn, "w_qkv", w_qkv, (d_model, 3 * d_model), "(d_model, 3*d_model)")
     check_shape(fn, "w_out", w_out, (d_model, d_model), "(d_model, d_model)")
+    seq_k = seq + (0 if kv_cache is None else cached_seq(fn, kv_cache))
     if mask is not None:
-        check_mask(fn, mask, shape_of(x)[:-1] + (seq,), "(..., seq, seq)")
-        mask = mask[..., None, :, :]  # (..., 1, seq, seq): one mask for all heads
+        check_mask(fn, mask, shape_of(x)[:-1] + (seq_k,), "(..., seq, seq_k)")
+        mask = mask[..., None, :, :]  # (..., 1, seq, seq_k): one mask for all heads
 
     qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (..., seq, 3*d_model)
     q, k, v = np.split(qkv, 3, axis=-1)  # each (..., seq, d_model)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
+    if kv_cache is not None:
+        if kv_cache:  # the earlier positions' keys and values go first
+            k = np.concatenate([kv_cache["k"], k], axis=-2)  # (..., n_head, seq_k, d_head)
+            v = np.concatenate([kv_cache["v"], v], axis=-2)
+        kv_cache["k"], kv_cache["v"] = k, v
     if keep_cache:
         out, attn_cache = attention_forward(q, k, v, causal=causal, mask=mask)
     else:

@@ -9,26 +9,31 @@ from .layer_norm import layer_norm_backward, layer_norm_forward
 from .mlp import mlp_backward, mlp_forward
 
 
-def decoder_block(x: np.ndarray, params: dict, n_head: int, mask=None) -> np.ndarray:
+def decoder_block(x: np.ndarray, params: dict, n_head: int, mask=None,
+                  kv_cache: dict | None = None) -> np.ndarray:
     """x + attention(LN1(x)), then x + MLP(LN2(x)).
 
     x: (..., seq, d_model)
     params: dict with ln1_gamma ln1_beta w_qkv b_qkv w_out b_out ln2_gamma ln2_beta
             w_fc b_fc w_proj b_proj (shapes as in multi_head_attention, layer_norm and mlp)
-    mask: optional bool, broadcastable to (..., seq, seq), ANDed with the causal mask.
+    mask: optional bool, broadcastable to (..., seq, seq_k), ANDed with the causal mask.
+    kv_cache: None, or this block's entry of a KVCache (a dict): attention appends x's keys and
+        values to it and attends over all cached positions (see multi_head_attention).
     returns: (..., seq, d_model)
 
     Pre-LN: each sublayer reads a normalized copy of the residual stream and adds its result
     back, so the stream itself is never normalized and gradients flow straight through the sums.
     """
     # the wiring lives there; nothing is kept for a backward pass
-    out, _ = decoder_block_forward(x, params, n_head, mask=mask, keep_cache=False)
+    out, _ = decoder_block_forward(x, params, n_head, mask=mask, keep_cache=False,
+                                   kv_cache=kv_cache)
     return out
 
 
 def decoder_block_forward(x: np.ndarray, params: dict, n_head: int, mask=None,
-                          keep_cache=True):
-    """decoder_block(x, params, n_head, mask), and the cache decoder_block_backward needs.
+                          keep_cache=True, kv_cache=None):
+    """decoder_block(x, params, n_head, mask, kv_cache), and the cache decoder_block_backward
+    needs.
 
     returns: out (..., seq, d_model), cache (one cache per sublayer; None if not keep_cache,
     and then attention never stores its weights)
@@ -38,7 +43,7 @@ def decoder_block_forward(x: np.ndarray, params: dict, n_head: int, mask=None,
     h, ln1_cache = layer_norm_forward(x, p["ln1_gamma"], p["ln1_beta"])
     a, attn_cache = multi_head_attention_forward(h, p["w_qkv"], p["b_qkv"], p["w_out"],
                                                  p["b_out"], n_head, mask=mask, causal=True,
-                                                 keep_cache=keep_cache)
+                                                 keep_cache=keep_cache, kv_cache=kv_cache)
     x = x + a  # (..., seq, d_model)
     h, ln2_cache = layer_norm_forward(x, p["ln2_gamma"], p["ln2_beta"])
     m, mlp_cache = mlp_forward(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])

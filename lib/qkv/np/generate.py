@@ -1,9 +1,12 @@
-"""Generation in NumPy, without a cache: every step re-runs ``qkv.np.gpt_forward`` on the whole
-window. The same rules as ``qkv.pt.generate`` (greedy at temperature 0, then temperature ->
-top-k -> top-p -> sample, stop after eos_id), so on the same weights the greedy tokens agree.
+"""Generation in NumPy, through ``qkv.np.gpt_forward`` with or without a KV cache. The same
+rules and arguments as ``qkv.pt.generate`` (greedy at temperature 0, then temperature -> top-k
+-> top-p -> sample, stop after eos_id), so on the same weights the greedy tokens agree.
 """
 
 import numpy as np
+
+from qkv._checks import shape_of
+from qkv._kv_cache import KVCache
 
 from .model import gpt_forward
 from .softmax import softmax
@@ -38,27 +41,51 @@ def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(keep, logits, -np.inf)
 
 
-def generate(params: dict, n_head: int, prompt_ids, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, seed: int | None = None) -> np.ndarray:
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             seed: int | None = None, use_cache: bool = True) -> np.ndarray:
     """Extend a prompt by up to ``max_new_tokens`` tokens with ``gpt_forward``.
 
-    params, n_head: as ``qkv.np.gpt_forward`` takes them (e.g. ``GPT.numpy_params()``).
+    model: the pair (params, n_head) that ``gpt_forward`` takes, e.g.
+        ``(gpt.numpy_params(), gpt.config.n_head)`` for a qkv.pt GPT.
     prompt_ids: (seq,) ints, at least one.  Others as in ``qkv.pt.generate``; seed seeds
-    ``np.random.default_rng`` (so sampled tokens differ from torch's, greedy ones do not).
+        ``np.random.default_rng`` (so sampled tokens differ from torch's, greedy ones do not).
+    use_cache: run each new token alone through ``gpt_forward(..., kv_cache=...)`` instead of
+        the whole window; both give the same tokens.
     returns: (seq + n_new,) int64 array: the prompt, then the new tokens (eos_id included).
 
-    No cache: each step runs the model on the last context tokens (context = rows of wpe).
+    Context (context = rows of wpe): the model sees the last context tokens; once the sequence
+    is longer, the window slides, every kept token changes position, and the cache is rebuilt
+    each step, as in ``qkv.pt.generate``.
     """
-    ids = [int(i) for i in np.asarray(prompt_ids).reshape(-1)]
+    params, n_head = model
+    prompt = np.asarray(prompt_ids)
+    if prompt.ndim != 1:
+        raise ValueError(f"generate: prompt_ids must be 1-D (seq,); got {shape_of(prompt)}")
+    ids = [int(i) for i in prompt]
     if not ids:
         raise ValueError("generate: prompt_ids is empty; give at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0; got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"generate: temperature must be >= 0; got {temperature}")
+    if top_k is not None:
+        filter_top_k(np.zeros(1), top_k)  # raises on a bad k, with filter_top_k's message
+    if top_p is not None:
+        filter_top_p(np.zeros(1), top_p)
     context = params["wpe"].shape[0]
     rng = np.random.default_rng(seed)
+    cache = None  # KVCache of the current window's tokens
     for _ in range(max_new_tokens):
-        logits = gpt_forward(np.array(ids[-context:]), params, n_head)[-1]  # (vocab,)
+        window = ids[-context:]
+        if not use_cache:
+            logits = gpt_forward(np.array(window), params, n_head)[-1]  # (vocab,)
+        elif cache is not None and cache.pos == len(window) - 1:
+            # one new token after a window the cache already holds
+            logits = gpt_forward(np.array(window[-1:]), params, n_head, kv_cache=cache)[-1]
+        else:  # first step, or the window slid: the cached positions are stale
+            cache = KVCache(len(params["blocks"]))
+            logits = gpt_forward(np.array(window), params, n_head, kv_cache=cache)[-1]
         if temperature == 0:
             token = int(np.argmax(logits))  # the first of equal maxima, like torch.argmax
         else:

@@ -9,6 +9,7 @@ from qkv._checks import (
     check_token_ids,
     shape_of,
 )
+from qkv._kv_cache import KVCache, check_model_cache
 
 from .block import decoder_block_backward, decoder_block_forward
 from .embedding import embed_backward, embed_forward
@@ -17,23 +18,27 @@ from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 
 
-def gpt_forward(token_ids: np.ndarray, params: dict, n_head: int) -> np.ndarray:
+def gpt_forward(token_ids: np.ndarray, params: dict, n_head: int,
+                kv_cache: KVCache | None = None) -> np.ndarray:
     """Token ids -> next-token logits.
 
     token_ids: (..., seq) integers in [0, vocab), seq <= context
     params: wte (vocab, d_model), wpe (context, d_model), blocks (list of decoder_block
             param dicts), lnf_gamma (d_model,), lnf_beta (d_model,)
+    kv_cache: None, or a KVCache(n_layer) holding the keys and values of the kv_cache.pos
+            tokens before these: token_ids then sit at positions pos .. pos + seq - 1, each
+            block adds their keys and values to its entry, and pos advances by seq.
     returns: logits (..., seq, vocab); logits[..., t, :] scores the token after position t.
 
     The unembedding is tied: logits = ln_f(x) @ wte.T, so the same table maps tokens to
     vectors and vectors back to token scores.
     """
     # the steps live there; nothing is kept for a backward pass
-    logits, _ = _logits_forward(token_ids, params, n_head, keep_cache=False)
+    logits, _ = _logits_forward(token_ids, params, n_head, keep_cache=False, kv_cache=kv_cache)
     return logits
 
 
-def _logits_forward(token_ids, params, n_head, keep_cache=True):
+def _logits_forward(token_ids, params, n_head, keep_cache=True, kv_cache=None):
     """gpt_forward's steps, each keeping its cache: returns logits (..., seq, vocab), cache
     (None if not keep_cache)."""
     wte, wpe = params["wte"], params["wpe"]
@@ -43,13 +48,18 @@ def _logits_forward(token_ids, params, n_head, keep_cache=True):
     if seq > context:
         raise ValueError(f"gpt_forward: seq must be <= context {context}; "
                          f"got token_ids {shape_of(token_ids)}")
+    start = 0 if kv_cache is None else check_model_cache(
+        "gpt_forward", kv_cache, len(params["blocks"]), seq, context)
     x, embed_cache = embed_forward(token_ids, wte)  # (..., seq, d_model)
-    x = x + wpe[:seq]  # (..., seq, d_model): token + learned position
+    x = x + wpe[start:start + seq]  # (..., seq, d_model): token + learned position
     block_caches = []
-    for block in params["blocks"]:
+    for i, block in enumerate(params["blocks"]):
+        layer = None if kv_cache is None else kv_cache.layers[i]
         # (..., seq, d_model)
-        x, cache = decoder_block_forward(x, block, n_head, keep_cache=keep_cache)
+        x, cache = decoder_block_forward(x, block, n_head, keep_cache=keep_cache, kv_cache=layer)
         block_caches.append(cache)
+    if kv_cache is not None:
+        kv_cache.pos += seq
     x, lnf_cache = layer_norm_forward(x, params["lnf_gamma"], params["lnf_beta"])
     # Tied unembedding: a linear layer whose weight is wte.T, (d_model, vocab).
     logits, unembed_cache = linear_forward(x, wte.T)  # (..., seq, vocab)

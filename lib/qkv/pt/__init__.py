@@ -7,6 +7,8 @@ follow the device and dtype of the inputs (CPU or CUDA; float32, float64, bfloat
 ``GPTConfig`` and ``GPT`` wrap the pure functions in GPT-2's module layout.
 """
 
+from qkv._kv_cache import KVCache
+
 from .attention import merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads
 from .block import decoder_block
 from .embedding import embed
@@ -22,6 +24,7 @@ from .positional import sinusoidal_positional_encoding
 from .softmax import softmax
 
 __all__ = [
+    "KVCache",
     "GPT",
     "GPTConfig",
     "causal_mask",

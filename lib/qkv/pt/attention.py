@@ -22,6 +22,7 @@ from qkv._checks import (
     check_shape,
     shape_of,
 )
+from qkv._kv_cache import cached_seq
 
 from .linear import linear
 from .masking import causal_mask
@@ -97,17 +98,22 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causal=True,
-                         return_weights=False, fused=False):
+                         return_weights=False, fused=False, kv_cache=None):
     """Self-attention with n_head heads, then the output projection.
 
     x:     (..., seq, d_model)
     w_qkv: (d_model, 3*d_model), columns [Q | K | V];  b_qkv: (3*d_model,) or None
     w_out: (d_model, d_model);                         b_out: (d_model,) or None
-    mask:  bool, broadcastable to (..., seq, seq), the same for every head; True = may attend.
+    mask:  bool, broadcastable to (..., seq, seq_k), the same for every head; True = may attend
+        (seq_k = seq, plus the cached positions with kv_cache).
     causal: AND in the causal mask (default True: a decoder never looks ahead).
     fused: run the heads through torch's fused kernel (no weights then), and the projections
         through F.linear.
-    returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq)) if return_weights.
+    kv_cache: None, or this layer's entry of a KVCache (a dict, {} at first): x's keys and
+        values are appended to it (each (..., n_head, seq_k, d_head) afterwards) and x's queries
+        attend over all of them; the bottom-right causal mask lets the new query j see the
+        cached keys and its own past, exactly what it would see in one full pass.
+    returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq_k)) if return_weights.
 
     torch.nn.MultiheadAttention computes the same thing with in_proj_weight = w_qkv.T and
     out_proj.weight = w_out.T (nn layers store weights (d_out, d_in)).
@@ -119,13 +125,19 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
     check_n_head(fn, d_model, n_head)
     check_shape(fn, "w_qkv", w_qkv, (d_model, 3 * d_model), "(d_model, 3*d_model)")
     check_shape(fn, "w_out", w_out, (d_model, d_model), "(d_model, d_model)")
+    seq_k = seq + (0 if kv_cache is None else cached_seq(fn, kv_cache))
     if mask is not None:
-        check_mask(fn, mask, shape_of(x)[:-1] + (seq,), "(..., seq, seq)")
-        mask = mask[..., None, :, :]  # (..., 1, seq, seq): one mask for all heads
+        check_mask(fn, mask, shape_of(x)[:-1] + (seq_k,), "(..., seq, seq_k)")
+        mask = mask[..., None, :, :]  # (..., 1, seq, seq_k): one mask for all heads
 
     qkv = linear(x, w_qkv, b_qkv, fused=fused)  # (..., seq, 3*d_model)
     q, k, v = qkv.split(d_model, dim=-1)  # each (..., seq, d_model)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
+    if kv_cache is not None:
+        if kv_cache:  # the earlier positions' keys and values go first
+            k = torch.cat([kv_cache["k"], k], dim=-2)  # (..., n_head, seq_k, d_head)
+            v = torch.cat([kv_cache["v"], v], dim=-2)
+        kv_cache["k"], kv_cache["v"] = k, v
     result = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal,
                                           return_weights=return_weights, fused=fused)
     out, weights = result if return_weights else (result, None)  # out (..., n_head, seq, d_head)

@@ -7,10 +7,11 @@ Each step turns the model's last logits into a next token:
 
 The KV cache: attention at a new position needs the keys and values of every earlier position,
 and those do not change when a token is appended (the mask keeps earlier positions from seeing
-later ones). So we keep them, per layer, and each step runs the model on the ONE new token:
-its query (seq_q = 1) attends over all cached keys (seq_k = positions so far). qkv's causal mask
-is aligned bottom-right, so ``causal=True`` with seq_q = 1 < seq_k lets the new token see every
-key, as it should.
+later ones). So we keep them, per layer, in a ``KVCache`` passed to the model's own forward
+(``model(ids, kv_cache=cache)``, the forward training uses), and each step runs the model on the
+ONE new token: its query (seq_q = 1) attends over all cached keys (seq_k = positions so far).
+qkv's causal mask is aligned bottom-right, so ``causal=True`` with seq_q = 1 < seq_k lets the
+new token see every key, as it should.
 """
 
 from collections.abc import Iterator
@@ -18,12 +19,8 @@ from collections.abc import Iterator
 import torch
 
 from qkv._checks import shape_of
+from qkv._kv_cache import KVCache
 
-from .attention import merge_heads, scaled_dot_product_attention, split_heads
-from .embedding import embed
-from .layer_norm import layer_norm
-from .linear import linear
-from .mlp import mlp
 from .softmax import softmax
 
 
@@ -83,42 +80,6 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _forward_with_cache(model, token_ids: torch.Tensor, cache: list, start: int) -> torch.Tensor:
-    """Run the model on new tokens, reading and extending the per-layer (k, v) cache.
-
-    token_ids: (seq_new,) at positions start .. start + seq_new - 1.
-    cache: one entry per block, None or (k, v) each (n_head, start, d_head); updated in place.
-    returns: logits of the last position, (vocab,).
-
-    The same computation as the model's decoder_block, written out so the keys and values can
-    be kept: the block's pure function hides them inside multi_head_attention.
-    """
-    cfg, T = model.config, model.transformer
-    seq_new = token_ids.shape[-1]
-    wte, wpe = T.wte.weight, T.wpe.weight
-    x = embed(token_ids, wte) + wpe[start:start + seq_new]  # (seq_new, d_model)
-    fused = cfg.fused  # the same kernels as the model's forward, so the tokens match exactly
-    for i, block in enumerate(T.h):
-        p = block.params()
-        h = layer_norm(x, p["ln1_gamma"], p["ln1_beta"], fused=fused)
-        q, k, v = linear(h, p["w_qkv"], p["b_qkv"], fused=fused).split(cfg.d_model, dim=-1)
-        # q, k, v (seq_new, d_model) -> (n_head, seq_new, d_head)
-        q, k, v = (split_heads(t, cfg.n_head) for t in (q, k, v))
-        if cache[i] is not None:
-            k = torch.cat([cache[i][0], k], dim=-2)  # (n_head, start + seq_new, d_head)
-            v = torch.cat([cache[i][1], v], dim=-2)
-        cache[i] = (k, v)
-        # seq_q = seq_new <= seq_k = start + seq_new: the bottom-right causal mask lets query
-        # j see keys 0 .. start + j, exactly its own past.
-        a = scaled_dot_product_attention(q, k, v, causal=True, fused=fused)
-        x = x + linear(merge_heads(a), p["w_out"], p["b_out"], fused=fused)  # (seq_new, d_model)
-        h = layer_norm(x, p["ln2_gamma"], p["ln2_beta"], fused=fused)
-        x = x + mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"], fused=fused)
-    # (d_model,): only the last position
-    x = layer_norm(x[-1], T.ln_f.weight, T.ln_f.bias, fused=fused)
-    return linear(x, wte.T)  # (vocab,): tied unembedding
-
-
 def _prompt(prompt_ids) -> torch.Tensor:
     """The prompt as a 1-D long tensor on the CPU."""
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
@@ -155,7 +116,7 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
     device = model.transformer.wte.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
-    cache, cached = None, 0  # cached: how many tokens of the current window are in the cache
+    cache = None  # KVCache of the current window's tokens, or None before the first step
     was_training = model.training
     model.eval()  # no dropout while generating
     try:
@@ -164,20 +125,17 @@ def _stream(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
             with torch.no_grad():
                 if not use_cache:
                     logits = model(torch.tensor(window, device=device))[-1]  # (vocab,)
-                elif cache is not None and cached == len(window) - 1:
+                elif cache is not None and cache.pos == len(window) - 1:
                     # One new token at the end of a window the cache already holds.
-                    logits = _forward_with_cache(model, torch.tensor(window[-1:], device=device),
-                                                 cache, start=cached)
-                    cached += 1
+                    new = torch.tensor(window[-1:], device=device)
+                    logits = model(new, kv_cache=cache)[-1]
                 else:
                     # First step, or the window slid: positions are absolute (learned wpe), so
                     # each kept token now sits one position earlier and its cached keys and
                     # values are stale. Recompute the whole window (this is what the no-cache
                     # path does every step).
-                    cache = [None] * len(model.transformer.h)
-                    logits = _forward_with_cache(model, torch.tensor(window, device=device),
-                                                 cache, start=0)
-                    cached = len(window)
+                    cache = KVCache(model.config.n_layer)
+                    logits = model(torch.tensor(window, device=device), kv_cache=cache)[-1]
             token = next_token(logits, temperature, top_k, top_p, generator)
             ids.append(token)
             yield token

@@ -2,7 +2,9 @@
 
 Parameter names match Hugging Face's GPT-2 (transformer.wte, transformer.h[i].attn.c_attn, ...)
 and linear weights are stored (d_in, d_out) like GPT-2's Conv1D, so GPT-2 weights load
-without transposing. Every forward calls the same pure functions the book builds.
+without transposing. The sub-modules below a Block (Linear, LayerNorm, CausalSelfAttention, MLP)
+only hold parameters under those names; Block.forward runs the pure ``decoder_block`` on them,
+so the block is wired once, for training and for generation with a KV cache alike.
 """
 
 import math
@@ -18,15 +20,13 @@ from qkv._checks import (
     check_token_ids,
     shape_of,
 )
+from qkv._kv_cache import KVCache, check_model_cache
 
-from .attention import multi_head_attention
 from .block import decoder_block
 from .embedding import embed
 from .interp import run_with_cache, run_with_patches
 from .layer_norm import layer_norm
-from .linear import linear
 from .loss import cross_entropy
-from .mlp import mlp
 
 
 @dataclass
@@ -58,27 +58,21 @@ class GPTConfig:
 
 
 class Linear(nn.Module):
-    """x @ weight + bias with weight stored (d_in, d_out) (GPT-2's Conv1D layout)."""
+    """Holds a linear layer's weight, stored (d_in, d_out) (GPT-2's Conv1D layout), and bias."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_in, d_out))  # filled by GPT's init
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
 
-    def forward(self, x):  # (..., d_in) -> (..., d_out)
-        return linear(x, self.weight, self.bias)
-
 
 class LayerNorm(nn.Module):
-    """layer_norm with a learned scale (weight = gamma) and shift (bias = beta)."""
+    """Holds layer_norm's learned scale (weight = gamma) and shift (bias = beta)."""
 
     def __init__(self, d_model: int, bias: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
-
-    def forward(self, x):  # (..., d_model) -> (..., d_model)
-        return layer_norm(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,12 +82,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = Linear(config.d_model, 3 * config.d_model, config.bias)
         self.c_proj = Linear(config.d_model, config.d_model, config.bias)
-        self.config = config  # read at every call, so model.config.fused = False takes effect
-
-    def forward(self, x, mask=None):  # (..., seq, d_model) -> (..., seq, d_model)
-        return multi_head_attention(x, self.c_attn.weight, self.c_attn.bias, self.c_proj.weight,
-                                    self.c_proj.bias, self.config.n_head, mask=mask, causal=True,
-                                    fused=self.config.fused)
 
 
 class MLP(nn.Module):
@@ -104,16 +92,13 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.d_model, 4 * config.d_model, config.bias)
         self.c_proj = Linear(4 * config.d_model, config.d_model, config.bias)
 
-    def forward(self, x):  # (..., seq, d_model) -> (..., seq, d_model)
-        return mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
-
 
 class Block(nn.Module):
     """One decoder block: ln_1, attn, ln_2, mlp.
 
     forward runs the pure ``decoder_block`` on this block's parameters, so the block's wiring
-    is written once. (Forward hooks therefore belong on the Block: its sub-modules hold the
-    weights but are not called one by one.)
+    is written once, for training and for generation (``kv_cache``). Forward hooks therefore
+    belong on the Block: its sub-modules hold the weights and have no forward of their own.
     """
 
     def __init__(self, config: GPTConfig):
@@ -122,7 +107,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.d_model, config.bias)
         self.mlp = MLP(config)
-        self.config = config
+        self.config = config  # read at every call, so model.config.fused = False takes effect
 
     def params(self) -> dict:
         """This block's parameters under the names ``decoder_block`` expects."""
@@ -135,9 +120,11 @@ class Block(nn.Module):
             w_proj=self.mlp.c_proj.weight, b_proj=self.mlp.c_proj.bias,
         )
 
-    def forward(self, x, mask=None):  # (..., seq, d_model) -> (..., seq, d_model)
+    def forward(self, x, mask=None, kv_cache: dict | None = None):
+        """x (..., seq, d_model) -> (..., seq, d_model); kv_cache: this block's entry of a
+        KVCache (see decoder_block)."""
         return decoder_block(x, self.params(), self.config.n_head, mask=mask,
-                             fused=self.config.fused)
+                             fused=self.config.fused, kv_cache=kv_cache)
 
 
 class GPT(nn.Module):
@@ -176,9 +163,16 @@ class GPT(nn.Module):
             elif p.ndim == 2:  # wte, wpe, c_attn, c_fc
                 nn.init.normal_(p, 0.0, 0.02, generator=generator)
 
-    def forward(self, token_ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, token_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
         """token_ids (..., seq) -> logits (..., seq, vocab); with targets (..., seq) also the
-        mean cross-entropy loss: returns (logits, loss). Targets equal to -1 are ignored."""
+        mean cross-entropy loss: returns (logits, loss). Targets equal to -1 are ignored.
+
+        kv_cache: None, or a KVCache(n_layer) holding the keys and values of the kv_cache.pos
+            tokens before these: token_ids then sit at positions pos .. pos + seq - 1, each block
+            adds their keys and values to its entry, and pos advances by seq. Generation runs
+            the prompt once, then one token per step, through this same forward.
+        """
         cfg = self.config
         check_token_ids("GPT.forward", "token_ids", token_ids, vocab=cfg.vocab_size)
         check_min_ndim("GPT.forward", "token_ids", token_ids, 1, "(..., seq)")
@@ -186,11 +180,16 @@ class GPT(nn.Module):
         if seq > cfg.context_length:
             raise ValueError(f"GPT.forward: seq must be <= context_length {cfg.context_length}; "
                              f"got token_ids {shape_of(token_ids)}")
+        start = 0 if kv_cache is None else check_model_cache(
+            "GPT.forward", kv_cache, cfg.n_layer, seq, cfg.context_length)
         wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
-        x = embed(token_ids, wte) + wpe[:seq]  # (..., seq, d_model): token + learned position
+        # (..., seq, d_model): token + learned position
+        x = embed(token_ids, wte) + wpe[start:start + seq]
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)  # (..., seq, d_model)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
+        if kv_cache is not None:
+            kv_cache.pos += seq
         ln_f = self.transformer.ln_f
         x = layer_norm(x, ln_f.weight, ln_f.bias, fused=cfg.fused)
         logits = self.lm_head(x)  # (..., seq, vocab) = x @ wte.T
