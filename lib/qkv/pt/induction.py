@@ -96,7 +96,7 @@ def train_induction(config: GPTConfig, steps: int = 600, batch_size: int = 32,
     model = attention_only(config, torch.Generator().manual_seed(seed))
     cfg = make_config(lr=lr, max_steps=steps, warmup_steps=max(1, steps // 10),
                       min_lr=lr / 10, batch_size=batch_size)
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, cfg)
     data_gen = torch.Generator().manual_seed(seed + 1)
     eval_ids = repeated_tokens(64, eval_half, config.vocab_size,
                                torch.Generator().manual_seed(seed + 2))
