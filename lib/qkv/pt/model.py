@@ -25,6 +25,7 @@ from qkv._kv_cache import KVCache, check_model_cache
 
 from .block import decoder_block
 from .embedding import embed
+from .interp import run_with_cache, run_with_patches
 from .layer_norm import layer_norm
 from .loss import cross_entropy
 
@@ -213,6 +214,15 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return logits, cross_entropy(logits, targets, ignore_index=-1, fused=cfg.fused)
+
+    def run_with_cache(self, token_ids: torch.Tensor, names=None, patches: dict | None = None):
+        """(logits (..., seq, vocab), cache): every intermediate activation by name, with
+        optional patches; see qkv.pt.interp for the names."""
+        return run_with_cache(self, token_ids, names=names, patches=patches)
+
+    def run_with_patches(self, token_ids: torch.Tensor, patches: dict) -> torch.Tensor:
+        """logits (..., seq, vocab) with the named activations patched (qkv.pt.interp)."""
+        return run_with_patches(self, token_ids, patches)
 
     def numpy_params(self) -> dict:
         """All weights as float64 NumPy copies in the layout ``qkv.np.gpt_forward`` takes."""
