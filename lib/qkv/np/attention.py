@@ -269,7 +269,9 @@ def multi_head_attention_backward(dout, cache) -> dict:
     """Gradients of multi_head_attention from dout (..., seq, d_model).
 
     returns: {"dx": (..., seq, d_model), "dw_qkv": (d_model, 3*d_model), "db_qkv": (3*d_model,),
-              "dw_out": (d_model, d_model), "db_out": (d_model,)}   (db_* None without biases)
+              "dw_out": (d_model, d_model), "db_out": (d_model,)}   (db_* None without biases;
+             dw_qkv (d_model, (n_head + 2*n_kv_head) * d_head) with GQA; with qk_norm also
+             "dq_gamma", "dk_gamma" (d_head,))
 
     The forward steps in reverse. split_heads and merge_heads only move numbers around, so
     each one's backward is the other.
