@@ -36,7 +36,10 @@ def test_every_checker_is_declared_and_tested():
 def test_one_module_per_chapter_each_small():
     root = Path(grading.__file__).parent
     chapters = sorted(p for p in (root / "exercises").glob("ch[0-9][0-9]_*.py"))
-    assert [p.name[:4] for p in chapters] == [f"ch{n:02d}" for n in range(1, 12)]
+    numbers = [p.name[:4] for p in chapters]
+    # chapters 1-11 at least; later chapters add their own module (one each)
+    assert len(set(numbers)) == len(numbers)
+    assert set(numbers) >= {f"ch{n:02d}" for n in range(1, 12)}
     for path in root.rglob("*.py"):
         assert len(path.read_text().splitlines()) <= 600, path
 
