@@ -3,7 +3,8 @@
 ``scan(submission, release)`` returns findings (``Finding(finding, detail)``) of two kinds:
 
 * code findings, from an ``ast`` walk (plus a text scan when a cell does not parse) of the
-  LEARNER cells: cells nbgrader marks ``solution``, and every cell whose text is not a cell of
+  LEARNER cells (file access outside the notebook's folder, by any route, is read by
+  integrity_files.py): cells nbgrader marks ``solution``, and every cell whose text is not a cell of
   the released notebook (new cells, edited cells that lost their nbgrader metadata);
 * structure findings, from comparing the submission's nbgrader cells with the released ones
   (test cell edited or deleted, nbgrader metadata stripped or edited).
@@ -24,6 +25,9 @@ import copy
 import re
 from dataclasses import dataclass
 
+from .integrity_files import TEXT_PATTERN as FILE_TEXT_PATTERN
+from .integrity_files import file_access
+
 # -- what is looked for ----------------------------------------------------------------------
 
 FINDINGS = {
@@ -35,7 +39,8 @@ FINDINGS = {
     "ipython-hook": "reaches into IPython (get_ipython, input transformers, events, tracebacks)",
     "introspection": "inspects or rewrites the running program (frames, gc, ctypes, threads)",
     "process-control": "exits, signals or starts processes (os._exit, signal, subprocess)",
-    "file-access": "opens files outside the notebook's own folder (absolute paths, '..')",
+    "file-access": "reads, lists or writes files outside the notebook's own folder (absolute "
+                   "paths, '..', ~, the environment; open, pathlib, os, shutil, subprocess ...)",
     "grader-detection": "checks whether it is being graded (NBGRADER_EXECUTION)",
     "operator-override": "defines comparison/array dunders that can fake a result (__eq__ ...)",
     "magic": "uses an IPython magic or shell command",
@@ -76,13 +81,6 @@ DUNDERS = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__
            "__array_priority__", "__array_wrap__", "__array_finalize__", "__torch_function__",
            "__float__", "__abs__", "__sub__", "__rsub__", "__getattr__", "__getattribute__",
            "__instancecheck__", "__subclasscheck__", "__hash__", "__getitem__", "__iter__"}
-FILE_FUNCS = {"open", "Path", "PurePath", "listdir", "scandir", "walk", "glob", "iglob", "load",
-              "loadtxt", "genfromtxt", "fromfile", "read_text", "read_bytes", "connect",
-              "expanduser", "home", "cwd", "getcwd", "chdir", "remove", "unlink", "rmtree",
-              "rename", "replace", "copy", "copyfile", "mkdir", "makedirs", "rglob", "iterdir",
-              "realpath", "abspath", "readlink"}
-SUSPECT_WORDS = re.compile(r"gradebook|solutions|_grading|autograded|submitted|\.git\b|"
-                           r"nbgrader|/proc|(^|/)\.\.(/|$)", re.I)
 ALLOWED_MAGICS = {"time", "timeit", "matplotlib", "precision", "who", "whos", "pdb", "debug",
                   "xmode", "prun", "pprint"}
 TEXT_PATTERNS = [  # for cells that do not parse
@@ -93,7 +91,7 @@ TEXT_PATTERNS = [  # for cells that do not parse
     ("ipython-hook",
      re.compile(r"get_ipython|input_transformers|ast_transformers|events\.register")),
     ("process-control", re.compile(r"_exit|\bsignal\b|subprocess|os\.kill|os\.system")),
-    ("file-access", re.compile(r"""open\s*\(\s*['"](/|\.\.)|\.\./""")),
+    ("file-access", FILE_TEXT_PATTERN),
     ("grader-detection", re.compile(r"NBGRADER")),
 ]
 
@@ -319,13 +317,6 @@ class _Scanner(ast.NodeVisitor):
             target = node.args[0]
             if self._module_of(target) or self._root(target) in self.test_names:
                 self.flag("monkeypatch", ast.unparse(node)[:120])
-        if name in FILE_FUNCS:
-            for arg in list(node.args) + [k.value for k in node.keywords]:
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                    if arg.value.startswith(("/", "~")) or ".." in arg.value:
-                        self.flag("file-access", ast.unparse(node)[:120])
-            if name in ("expanduser", "home", "chdir", "readlink"):
-                self.flag("file-access", ast.unparse(node)[:120])
         self.generic_visit(node)
 
     def visit_Constant(self, node):
@@ -335,10 +326,6 @@ class _Scanner(ast.NodeVisitor):
                 self.flag("reference-use", f"string {text[:60]!r}")
             if "NBGRADER" in text.upper():
                 self.flag("grader-detection", f"string {text[:60]!r}")
-            if re.match(r"^(/[\w.-]|~/|\.\./|\.\.$)", text) or "/../" in text or (
-                "/" in text and SUSPECT_WORDS.search(text)
-            ):
-                self.flag("file-access", f"path {text[:80]!r}")
             if text in ("get_ipython", "input_transformers_cleanup", "_exit"):
                 self.flag("ipython-hook" if "ipython" in text or "input" in text else
                           "process-control", f"string {text!r}")
@@ -393,7 +380,8 @@ def scan_code(source: str, where: str, aliases: dict[str, str],
         return findings
     scanner = _Scanner(aliases, test_names, where)
     scanner.visit(tree)
-    return findings + scanner.found
+    files = [Finding("file-access", f"{where}: {d}") for d in file_access(tree, aliases)]
+    return findings + scanner.found + files
 
 
 def _aliases_and_names(cells) -> tuple[dict[str, str], set[str]]:
