@@ -182,7 +182,7 @@ def _greedy(include_eos=True, stop=True, only_new=False, extra=0, last_only=Fals
 
 
 def _kv(**kw):
-    return lambda *a: ch11._kv_step(*a, **kw)
+    return lambda *a: ch11.kv_step(*a, **kw)
 
 
 DECLARED = [

@@ -143,3 +143,40 @@ def block_args(rng, shape, n_head, dtype=np.float64):
 
 def normal(rng, *shape, scale=1.0, dtype=np.float64):
     return (rng.normal(size=shape) * scale).astype(dtype)
+
+
+# --- sampling filters and a KV-cached step (chapter 11) ---------------------------------------
+
+
+def keep_top(x, k, *, largest=True):
+    order = np.argsort(-x if largest else x, axis=-1, kind="stable")
+    keep = np.zeros(x.shape, dtype=bool)
+    np.put_along_axis(keep, order[..., :max(k, 0)], True, axis=-1)
+    return keep
+
+
+def nucleus(x, p, *, rule="before<p", use_logits=False, ascending=False):
+    probs = x if use_logits else _t.ref_softmax(x)
+    order = np.argsort(probs if ascending else -probs, axis=-1, kind="stable")
+    ps = np.take_along_axis(probs, order, axis=-1)
+    cum = np.cumsum(ps, axis=-1)
+    keep_sorted = {"before<p": cum - ps < p, "cum<=p": cum <= p, "cum<p": cum < p,
+                   "before<=p": cum - ps <= p}[rule]
+    keep = np.zeros(x.shape, dtype=bool)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return keep
+
+
+def kv_step(x, w_q, w_k, w_v, k_cache, v_cache, *, append="end", attend="all",
+             divide_by=None, update=True, causal_softmax=True):
+    q, k, v = x @ w_q, x @ w_k, x @ w_v  # (d_head,) each
+    if append == "end":
+        keys, values = np.concatenate([k_cache, k[None]]), np.concatenate([v_cache, v[None]])
+    else:
+        keys, values = np.concatenate([k[None], k_cache]), np.concatenate([v[None], v_cache])
+    att_k, att_v = (keys, values) if attend == "all" else (k_cache, v_cache)
+    scale = math.sqrt(q.shape[-1]) if divide_by is None else divide_by
+    scores = att_k @ q / scale  # (t + 1,)
+    weights = _t.ref_softmax(scores) if causal_softmax else np.exp(scores)
+    out = weights @ att_v
+    return (out, keys, values) if update else (out, k_cache, v_cache)

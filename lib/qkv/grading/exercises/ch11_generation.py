@@ -12,7 +12,7 @@ from .. import _trusted as _t
 from ..engine import Case, Mistake, _normal
 from ..exercise import Exercise
 from ..kinds import Filter, Parts, Value
-from ..variants import plain_softmax
+from ..variants import keep_top, kv_step, nucleus, plain_softmax
 
 # --- temperature --------------------------------------------------------------------------------
 
@@ -101,34 +101,27 @@ TEMPERATURE_PROBS = Exercise(
 # --- top-k and top-p --------------------------------------------------------------------------
 
 
-def _keep_top(x, k, *, largest=True):
-    order = np.argsort(-x if largest else x, axis=-1, kind="stable")
-    keep = np.zeros(x.shape, dtype=bool)
-    np.put_along_axis(keep, order[..., :max(k, 0)], True, axis=-1)
-    return keep
-
-
 def _top_k_mistakes(x, k):
     vocab = x.shape[-1]
     if k + 1 <= vocab:
         yield Mistake(f"{{name}} keeps {k + 1} logits for k = {k}: keep exactly the k largest.",
-                      lambda x, k: np.where(_keep_top(x, k + 1), x, -np.inf))
+                      lambda x, k: np.where(keep_top(x, k + 1), x, -np.inf))
     if k > 1:
         yield Mistake(f"{{name}} keeps {k - 1} logits for k = {k}: keep exactly the k largest.",
-                      lambda x, k: np.where(_keep_top(x, k - 1), x, -np.inf))
+                      lambda x, k: np.where(keep_top(x, k - 1), x, -np.inf))
     yield Mistake("{name} keeps the k SMALLEST logits; keep the k largest (sort in descending "
                   "order, or take the last k of an ascending sort).",
-                  lambda x, k: np.where(_keep_top(x, k, largest=False), x, -np.inf))
+                  lambda x, k: np.where(keep_top(x, k, largest=False), x, -np.inf))
     yield Mistake("{name} sets the other logits to 0; set them to -np.inf, so that the softmax "
                   "gives them probability exactly 0 (e^0 = 1 is not small).",
-                  lambda x, k: np.where(_keep_top(x, k), x, 0.0))
+                  lambda x, k: np.where(keep_top(x, k), x, 0.0))
     for fill in (-1e9, -1e10, -1e4, np.finfo(np.float64).min):
         yield Mistake("{name} fills with a large negative number; use -np.inf, so that removed "
                       "tokens get probability exactly 0 and stay recognisable as removed.",
-                      lambda x, k, f=fill: np.where(_keep_top(x, k), x, f))
+                      lambda x, k, f=fill: np.where(keep_top(x, k), x, f))
     yield Mistake("{name} returns probabilities; return the filtered LOGITS (the kept ones "
                   "unchanged, the others -inf). The softmax comes later.",
-                  lambda x, k: _t.ref_softmax(np.where(_keep_top(x, k), x, -np.inf)))
+                  lambda x, k: _t.ref_softmax(np.where(keep_top(x, k), x, -np.inf)))
     if x.ndim > 1:
         yield Mistake("{name} finds the k-th largest value of the whole array; each row (the "
                       "last axis) is its own distribution: keep the k largest of every row "
@@ -166,50 +159,38 @@ TOP_K = Exercise(
 )
 
 
-def _nucleus(x, p, *, rule="before<p", use_logits=False, ascending=False):
-    probs = x if use_logits else _t.ref_softmax(x)
-    order = np.argsort(probs if ascending else -probs, axis=-1, kind="stable")
-    ps = np.take_along_axis(probs, order, axis=-1)
-    cum = np.cumsum(ps, axis=-1)
-    keep_sorted = {"before<p": cum - ps < p, "cum<=p": cum <= p, "cum<p": cum < p,
-                   "before<=p": cum - ps <= p}[rule]
-    keep = np.zeros(x.shape, dtype=bool)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    return keep
-
-
 def _top_p_mistakes(x, p):
     yield Mistake(
         "{name} drops the token that takes the running total past p: keep tokens while the "
         "probability of those ranked ABOVE them is < p, i.e. the smallest set whose total "
         "reaches p (so the most likely token is always kept).",
-        lambda x, p: np.where(_nucleus(x, p, rule="cum<=p"), x, -np.inf))
+        lambda x, p: np.where(nucleus(x, p, rule="cum<=p"), x, -np.inf))
     yield Mistake(  # the same mistake with < instead of <=: the same words
         "{name} drops the token that takes the running total past p: keep tokens while the "
         "probability of those ranked ABOVE them is < p, i.e. the smallest set whose total "
         "reaches p (so the most likely token is always kept).",
-        lambda x, p: np.where(_nucleus(x, p, rule="cum<p"), x, -np.inf))
+        lambda x, p: np.where(nucleus(x, p, rule="cum<p"), x, -np.inf))
     yield Mistake(
         "{name} adds up the logits; the running total is over probabilities: apply the softmax "
         "first, then sort and cumsum.",
-        lambda x, p: np.where(_nucleus(x, p, use_logits=True), x, -np.inf))
+        lambda x, p: np.where(nucleus(x, p, use_logits=True), x, -np.inf))
     yield Mistake(
         "{name} sorts from least to most likely; sort in descending order of probability.",
-        lambda x, p: np.where(_nucleus(x, p, ascending=True), x, -np.inf))
+        lambda x, p: np.where(nucleus(x, p, ascending=True), x, -np.inf))
     yield Mistake(
         "{name} sets the other logits to 0; set them to -np.inf (probability exactly 0).",
-        lambda x, p: np.where(_nucleus(x, p), x, 0.0))
+        lambda x, p: np.where(nucleus(x, p), x, 0.0))
     for fill in (-1e9, -1e10, np.finfo(np.float64).min):
         yield Mistake("{name} fills with a large negative number; use -np.inf.",
-                      lambda x, p, f=fill: np.where(_nucleus(x, p), x, f))
+                      lambda x, p, f=fill: np.where(nucleus(x, p), x, f))
     yield Mistake(
         "{name} returns probabilities; return the filtered LOGITS (kept ones unchanged, the "
-        "others -inf).", lambda x, p: _t.ref_softmax(np.where(_nucleus(x, p), x, -np.inf)))
+        "others -inf).", lambda x, p: _t.ref_softmax(np.where(nucleus(x, p), x, -np.inf)))
     yield Mistake(
         "{name} returns the logits sorted; put every kept logit back at its own token's "
         "position (np.put_along_axis, or index with the sort order).",
         lambda x, p: np.where(np.take_along_axis(
-            _nucleus(x, p), np.argsort(-x, axis=-1, kind="stable"), axis=-1),
+            nucleus(x, p), np.argsort(-x, axis=-1, kind="stable"), axis=-1),
             -np.sort(-x, axis=-1), -np.inf))
 
 
@@ -359,30 +340,15 @@ GREEDY_DECODE = Exercise(
 _KV_LABELS = ("out", "k_cache", "v_cache")
 
 
-def _kv_step(x, w_q, w_k, w_v, k_cache, v_cache, *, append="end", attend="all",
-             divide_by=None, update=True, causal_softmax=True):
-    q, k, v = x @ w_q, x @ w_k, x @ w_v  # (d_head,) each
-    if append == "end":
-        keys, values = np.concatenate([k_cache, k[None]]), np.concatenate([v_cache, v[None]])
-    else:
-        keys, values = np.concatenate([k[None], k_cache]), np.concatenate([v[None], v_cache])
-    att_k, att_v = (keys, values) if attend == "all" else (k_cache, v_cache)
-    scale = math.sqrt(q.shape[-1]) if divide_by is None else divide_by
-    scores = att_k @ q / scale  # (t + 1,)
-    weights = _t.ref_softmax(scores) if causal_softmax else np.exp(scores)
-    out = weights @ att_v
-    return (out, keys, values) if update else (out, k_cache, v_cache)
-
-
-def _reference_kv_step(x, w_q, w_k, w_v, k_cache, v_cache):
-    return _kv_step(x, w_q, w_k, w_v, k_cache, v_cache)
+def _referencekv_step(x, w_q, w_k, w_v, k_cache, v_cache):
+    return kv_step(x, w_q, w_k, w_v, k_cache, v_cache)
 
 
 def _kv_mistakes(x, w_q, w_k, w_v, k_cache, v_cache):
     d_head = w_q.shape[1]
 
     def variant(**kw):
-        return lambda *a: _kv_step(*a, **kw)
+        return lambda *a: kv_step(*a, **kw)
 
     yield Mistake(
         "{name} attends over the OLD cache only: append the new key and value first, then let "
@@ -485,7 +451,7 @@ KV_UNROLLED = Exercise(
 KV_ATTENTION_STEP = Exercise(
     name="cached_attention_step",
     check="check_kv_attention_step",
-    reference=_reference_kv_step,
+    reference=_referencekv_step,
     visible=lambda: _kv_cases(False),
     hidden=lambda: _kv_cases(True),
     mistakes=_kv_mistakes,
