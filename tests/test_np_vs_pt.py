@@ -72,6 +72,29 @@ def cases():
         ("decoder_block", (x, block, 2), {"mask": rng.random((5, 5)) > 0.3}, True),
         ("cross_entropy", (logits, ids), {}, True),
         ("cross_entropy", (logits, np.where(ids > 7, -1, ids)), {"ignore_index": -1}, True),
+        *modern_cases(rng, x, block),
+    ]
+
+
+def modern_cases(rng, x, block):
+    """Chapter 14's pieces: RMSNorm, RoPE (both layouts), SiLU, SwiGLU, GQA, QK-norm."""
+    cos, sin = qnp.rope_table(5, 4, 100.0, start=2)
+    gqa_w = (rng.normal(size=(8, 16)) / 3, None, rng.normal(size=(8, 8)) / 3, None)
+    gammas = (1 + rng.normal(size=4) / 10, 1 + rng.normal(size=4) / 10)
+    modern = dict(block, ln1_beta=None, ln2_beta=None, w_qkv=gqa_w[0], b_qkv=None, b_fc=None,
+                  w_fc=rng.normal(size=(8, 12)) / 3, w_proj=rng.normal(size=(6, 8)) / 3,
+                  q_norm_gamma=gammas[0], k_norm_gamma=gammas[1])
+    arch = qnp.Arch(norm="rms", position="rope", mlp="swiglu", n_kv_head=1, qk_norm=True)
+    return [
+        ("rms_norm", (x * 3 + 1, 1 + rng.normal(size=8)), {}, True),
+        ("rope", (x[..., :4], cos, sin), {}, False),
+        ("rope", (x[..., :4], cos, sin), {"layout": "interleaved"}, False),
+        ("silu", (x * 3,), {}, True),
+        ("swiglu", (x, modern["w_fc"], rng.normal(size=12), modern["w_proj"], None), {}, True),
+        ("repeat_kv", (x[:, None], 3), {}, False),
+        ("multi_head_attention", (x, *gqa_w, 2), {"n_kv_head": 1, "rope": (cos, sin),
+                                                 "qk_norm": gammas}, True),
+        ("decoder_block", (x, modern, 2), {"arch": arch, "rope": (cos, sin)}, True),
     ]
 
 
@@ -95,6 +118,8 @@ def as_np(a, np_dtype):
 def as_pt(a):
     if isinstance(a, dict):
         return {key: as_pt(val) for key, val in a.items()}
+    if isinstance(a, tuple):
+        return tuple(as_pt(val) for val in a)
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
@@ -129,7 +154,8 @@ def test_every_function_is_compared():
     # backends in test_generate.py; qkv.pt's flash_attention (Triton) needs its interpreter's
     # own process, so it is compared with qkv.np's in tests/_flash_interpreter_cases.py.
     assert shared - compared == {"causal_mask", "sinusoidal_positional_encoding", "generate",
-                                 "filter_top_k", "filter_top_p", "KVCache", "flash_attention"}
+                                 "filter_top_k", "filter_top_p", "KVCache", "flash_attention",
+                                 "rope_table", "Arch"}  # rope_table: tests/test_modern.py
 
 
 # qkv.pt may add these: `fused`, and where a function builds a tensor from sizes alone (no input

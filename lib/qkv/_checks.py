@@ -16,6 +16,8 @@ BLOCK_PARAM_KEYS = (
     "ln1_gamma", "ln1_beta", "w_qkv", "b_qkv", "w_out", "b_out",
     "ln2_gamma", "ln2_beta", "w_fc", "b_fc", "w_proj", "b_proj",
 )
+# QK-norm's two extra parameters, (d_head,) each, with Arch(qk_norm=True).
+QK_NORM_KEYS = ("q_norm_gamma", "k_norm_gamma")
 
 # Where Hugging Face's GPT-2 (GPT2LMHeadModel) keeps each of those, under transformer.h.{i}.
 # Its Conv1D layers store weights (d_in, d_out) like qkv, so they load without transposing.

@@ -62,6 +62,12 @@ class TrainConfig:
     vocab_size: int = _f("bpe only: 256 bytes + merges", 512)
     dropout: float = _f("dropout on the input embeddings while training", 0.0)
     bias: bool = _f("biases in linear layers and layer norms", True)
+    norm: str = _f("layer (LayerNorm, GPT-2) or rms (RMSNorm, Llama)", "layer")
+    position: str = _f("learned (a wpe table, GPT-2) or rope (rotary, Llama)", "learned")
+    mlp: str = _f("gelu (GPT-2) or swiglu (Llama; d_ff 8/3 d_model keeps the parameters)",
+                  "gelu")
+    n_kv_head: int = _f("key/value heads for grouped-query attention (0: n_head)", 0)
+    qk_norm: bool = _f("RMS-normalise each head's q and k before the dot product", False)
     # optimisation
     batch_size: int = _f("windows per step", 12)
     max_steps: int = _f("optimizer steps; the cosine schedule ends here", 2000)
@@ -248,7 +254,9 @@ def tokenizer_from_state(state: dict):
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, context_length=cfg.context_length,
                      n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                     dropout=cfg.dropout, bias=cfg.bias, fused=True)
+                     dropout=cfg.dropout, bias=cfg.bias, fused=True, norm=cfg.norm,
+                     position=cfg.position, mlp=cfg.mlp, n_kv_head=cfg.n_kv_head or None,
+                     qk_norm=cfg.qk_norm)
 
 
 def save_checkpoint(path: Path, **state) -> None:

@@ -117,7 +117,8 @@ def _streaming_kept_exps(x, block):
     parts = []
     for start in range(0, x.shape[-1], block):
         m, l = online_step(m, l, x[..., start:start + block])
-        parts.append(np.exp(x[..., start:start + block] - np.where(np.isneginf(m), 0, m)[..., None]))
+        shift = np.where(np.isneginf(m), 0, m)[..., None]
+        parts.append(np.exp(x[..., start:start + block] - shift))
     return np.concatenate(parts, axis=-1) / np.where(l == 0, 1.0, l)[..., None]
 
 

@@ -12,6 +12,7 @@ intermediate values (layer norm's x_hat, gelu's tanh, the loss's softmax), the p
 calls ``*_forward`` and drops the cache. ``qkv.np.gradcheck`` checks a backward numerically.
 """
 
+from qkv._arch import Arch
 from qkv._kv_cache import KVCache
 
 from .attention import (
@@ -35,15 +36,25 @@ from .flash import (
 )
 from .gelu import gelu, gelu_backward, gelu_forward
 from .generate import filter_top_k, filter_top_p, generate
+from .gqa import repeat_kv, repeat_kv_backward
 from .gradcheck import numerical_gradient, relative_error
 from .layer_norm import layer_norm, layer_norm_backward, layer_norm_forward
 from .linear import linear, linear_backward, linear_forward
 from .loss import cross_entropy, cross_entropy_backward, cross_entropy_forward
 from .masking import causal_mask
 from .mlp import mlp, mlp_backward, mlp_forward
-from .model import gpt_forward, gpt_loss_backward, gpt_loss_forward, params_from_gpt2_state_dict
+from .model import (
+    gpt_forward,
+    gpt_loss_backward,
+    gpt_loss_forward,
+    params_from_gpt2_state_dict,
+    params_from_llama_state_dict,
+)
 from .positional import sinusoidal_positional_encoding
+from .rms_norm import rms_norm, rms_norm_backward, rms_norm_forward
+from .rope import rope, rope_backward, rope_forward, rope_table
 from .softmax import softmax, softmax_backward, softmax_forward
+from .swiglu import silu, silu_backward, silu_forward, swiglu, swiglu_backward, swiglu_forward
 from .train import (
     adamw_init,
     adamw_step,
@@ -54,6 +65,7 @@ from .train import (
 )
 
 __all__ = [
+    "Arch",
     "KVCache",
     "adamw_init",
     "adamw_step",
@@ -98,8 +110,21 @@ __all__ = [
     "multi_head_attention_forward",
     "numerical_gradient",
     "params_from_gpt2_state_dict",
+    "params_from_llama_state_dict",
     "relative_error",
+    "repeat_kv",
+    "repeat_kv_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "rms_norm_forward",
+    "rope",
+    "rope_backward",
+    "rope_forward",
+    "rope_table",
     "scaled_dot_product_attention",
+    "silu",
+    "silu_backward",
+    "silu_forward",
     "sinusoidal_positional_encoding",
     "softmax",
     "softmax_backward",
@@ -107,6 +132,9 @@ __all__ = [
     "split_heads",
     "streaming_logsumexp",
     "streaming_softmax",
+    "swiglu",
+    "swiglu_backward",
+    "swiglu_forward",
     "train_numpy",
     "unflatten_params",
 ]

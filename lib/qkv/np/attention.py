@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from qkv._arch import check_kv_heads, check_rope_tables, qkv_width
 from qkv._checks import (
     check_attention,
     check_float,
@@ -19,8 +20,11 @@ from qkv._checks import (
 )
 from qkv._kv_cache import cached_seq
 
+from .gqa import repeat_kv, repeat_kv_backward
 from .linear import linear_backward, linear_forward
 from .masking import causal_mask
+from .rms_norm import rms_norm_backward, rms_norm_forward
+from .rope import rope_backward, rope_forward
 from .softmax import softmax_backward, softmax_in_place
 
 
@@ -125,7 +129,8 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
 
 
 def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causal=True,
-                         return_weights=False, kv_cache=None):
+                         return_weights=False, kv_cache=None, n_kv_head=None, rope=None,
+                         qk_norm=None, norm_eps=1e-5):
     """Self-attention with n_head heads, then the output projection.
 
     x:     (..., seq, d_model)
@@ -138,12 +143,20 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
         values are appended to it (each (..., n_head, seq_k, d_head) afterwards) and x's queries
         attend over all of them; the bottom-right causal mask lets the new query j see the
         cached keys and its own past, exactly what it would see in one full pass.
+    n_kv_head: key/value heads (None: n_head). Fewer is grouped-query attention: w_qkv is then
+        (d_model, (n_head + 2 * n_kv_head) * d_head), columns [Q | K | V], and query head h
+        reads K/V head h // (n_head // n_kv_head) (see repeat_kv); the cache keeps n_kv_head.
+    rope: None, or (cos, sin) from rope_table for x's positions, each (seq, d_head // 2):
+        q and k are rotated (half-split layout) before the scores; the cache keeps rotated keys.
+    qk_norm: None, or (q_gamma, k_gamma), each (d_head,): rms_norm (with norm_eps) on every
+        head's q and k, before RoPE.
     returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq_k)) if return_weights.
     """
     # The steps live in multi_head_attention_forward; its cache holds the weights.
     out, cache = multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=mask,
                                               causal=causal, keep_cache=return_weights,
-                                              kv_cache=kv_cache)
+                                              kv_cache=kv_cache, n_kv_head=n_kv_head, rope=rope,
+                                              qk_norm=qk_norm, norm_eps=norm_eps)
     if return_weights:
         weights = cache["attn"][-1]  # (..., n_head, seq, seq_k): kept by attention_forward
         return out, weights
@@ -192,7 +205,8 @@ def _sum_to_shape(grad, shape):
 
 
 def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None,
-                                 causal=True, keep_cache=True, kv_cache=None):
+                                 causal=True, keep_cache=True, kv_cache=None, n_kv_head=None,
+                                 rope=None, qk_norm=None, norm_eps=1e-5):
     """multi_head_attention (without return_weights), and the cache its backward needs.
 
     Arguments and output as in multi_head_attention; returns out (..., seq, d_model), cache.
@@ -206,21 +220,39 @@ def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=Non
     check_min_ndim(fn, "x", x, 2, "(..., seq, d_model)")
     seq, d_model = x.shape[-2:]
     check_n_head(fn, d_model, n_head)
-    check_shape(fn, "w_qkv", w_qkv, (d_model, 3 * d_model), "(d_model, 3*d_model)")
+    n_kv = n_head if n_kv_head is None else n_kv_head
+    check_kv_heads(fn, n_head, n_kv)
+    d_head = d_model // n_head
+    width = qkv_width(n_head, n_kv, d_head)
+    check_shape(fn, "w_qkv", w_qkv, (d_model, width),
+                "(d_model, 3*d_model)" if n_kv == n_head else
+                "(d_model, (n_head + 2*n_kv_head) * d_head)")
     check_shape(fn, "w_out", w_out, (d_model, d_model), "(d_model, d_model)")
     seq_k = seq + (0 if kv_cache is None else cached_seq(fn, kv_cache))
     if mask is not None:
         check_mask(fn, mask, shape_of(x)[:-1] + (seq_k,), "(..., seq, seq_k)")
         mask = mask[..., None, :, :]  # (..., 1, seq, seq_k): one mask for all heads
 
-    qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (..., seq, 3*d_model)
-    q, k, v = np.split(qkv, 3, axis=-1)  # each (..., seq, d_model)
-    q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
+    qkv, qkv_cache = linear_forward(x, w_qkv, b_qkv)  # (..., seq, (n_head + 2*n_kv) * d_head)
+    q, k, v = np.split(qkv, [n_head * d_head, (n_head + n_kv) * d_head], axis=-1)
+    q = split_heads(q, n_head)  # (..., n_head, seq, d_head)
+    k, v = split_heads(k, n_kv), split_heads(v, n_kv)  # (..., n_kv_head, seq, d_head) each
+    norm_caches = rope_caches = None
+    if qk_norm is not None:  # each head's q and k to unit RMS, times a learned scale
+        (q, q_cache), (k, k_cache) = (rms_norm_forward(t, g, norm_eps)
+                                      for t, g in zip((q, k), qk_norm, strict=True))
+        norm_caches = (q_cache, k_cache)
+    if rope is not None:  # rotate by position; v is not rotated (it carries content only)
+        cos, sin = check_rope_tables(fn, rope, seq, d_head)
+        (q, q_cache), (k, k_cache) = rope_forward(q, cos, sin), rope_forward(k, cos, sin)
+        rope_caches = (q_cache, k_cache)
     if kv_cache is not None:
         if kv_cache:  # the earlier positions' keys and values go first
-            k = np.concatenate([kv_cache["k"], k], axis=-2)  # (..., n_head, seq_k, d_head)
+            k = np.concatenate([kv_cache["k"], k], axis=-2)  # (..., n_kv_head, seq_k, d_head)
             v = np.concatenate([kv_cache["v"], v], axis=-2)
         kv_cache["k"], kv_cache["v"] = k, v
+    n_rep = n_head // n_kv
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (..., n_head, seq_k, d_head) each
     if keep_cache:
         out, attn_cache = attention_forward(q, k, v, causal=causal, mask=mask)
     else:
@@ -229,14 +261,17 @@ def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=Non
     out, out_cache = linear_forward(out, w_out, b_out)  # (..., seq, d_model): mixes the heads
     if not keep_cache:
         return out, None
-    return out, {"qkv": qkv_cache, "attn": attn_cache, "out": out_cache, "n_head": n_head}
+    return out, {"qkv": qkv_cache, "attn": attn_cache, "out": out_cache, "n_head": n_head,
+                 "n_rep": n_rep, "qk_norm": norm_caches, "rope": rope_caches}
 
 
 def multi_head_attention_backward(dout, cache) -> dict:
     """Gradients of multi_head_attention from dout (..., seq, d_model).
 
     returns: {"dx": (..., seq, d_model), "dw_qkv": (d_model, 3*d_model), "db_qkv": (3*d_model,),
-              "dw_out": (d_model, d_model), "db_out": (d_model,)}   (db_* None without biases)
+              "dw_out": (d_model, d_model), "db_out": (d_model,)}   (db_* None without biases;
+             dw_qkv (d_model, (n_head + 2*n_kv_head) * d_head) with GQA; with qk_norm also
+             "dq_gamma", "dk_gamma" (d_head,))
 
     The forward steps in reverse. split_heads and merge_heads only move numbers around, so
     each one's backward is the other.
@@ -244,8 +279,22 @@ def multi_head_attention_backward(dout, cache) -> dict:
     g_out = linear_backward(dout, cache["out"])
     dheads = split_heads(g_out["dx"], cache["n_head"])  # (..., n_head, seq, d_head)
     g_attn = attention_backward(dheads, cache["attn"])
-    dqkv = np.concatenate([merge_heads(g_attn[name]) for name in ("dq", "dk", "dv")],
-                          axis=-1)  # (..., seq, 3*d_model): columns [Q | K | V] as in w_qkv
+    dq = g_attn["dq"]  # (..., n_head, seq, d_head)
+    # each K/V head collects the gradients of its group of query heads
+    dk, dv = (repeat_kv_backward(g_attn[name], cache["n_rep"]) for name in ("dk", "dv"))
+    if cache["rope"] is not None:
+        dq, dk = (rope_backward(d, c)["dx"] for d, c in zip((dq, dk), cache["rope"], strict=True))
+    dgammas = None
+    if cache["qk_norm"] is not None:
+        gq, gk = (rms_norm_backward(d, c) for d, c in zip((dq, dk), cache["qk_norm"],
+                                                         strict=True))
+        dq, dk = gq["dx"], gk["dx"]
+        dgammas = (gq["dgamma"], gk["dgamma"])  # summed over every head and position
+    # (..., seq, (n_head + 2*n_kv) * d_head): columns [Q | K | V] as in w_qkv
+    dqkv = np.concatenate([merge_heads(d) for d in (dq, dk, dv)], axis=-1)
     g_qkv = linear_backward(dqkv, cache["qkv"])
-    return {"dx": g_qkv["dx"], "dw_qkv": g_qkv["dw"], "db_qkv": g_qkv["db"],
-            "dw_out": g_out["dw"], "db_out": g_out["db"]}
+    grads = {"dx": g_qkv["dx"], "dw_qkv": g_qkv["dw"], "db_qkv": g_qkv["db"],
+             "dw_out": g_out["dw"], "db_out": g_out["db"]}
+    if dgammas is not None:
+        grads["dq_gamma"], grads["dk_gamma"] = dgammas
+    return grads

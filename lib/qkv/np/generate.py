@@ -47,7 +47,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
     """Extend a prompt by up to ``max_new_tokens`` tokens with ``gpt_forward``.
 
     model: the pair (params, n_head) that ``gpt_forward`` takes, e.g.
-        ``(gpt.numpy_params(), gpt.config.n_head)`` for a qkv.pt GPT.
+        ``(gpt.numpy_params(), gpt.config.n_head)`` for a qkv.pt GPT, or the triple
+        (params, n_head, arch) for a model with other pieces (``gpt.config.arch``).
     prompt_ids: (seq,) ints, at least one.  Others as in ``qkv.pt.generate``; seed seeds
         ``np.random.default_rng`` (so sampled tokens differ from torch's, greedy ones do not).
     use_cache: run each new token alone through ``gpt_forward(..., kv_cache=...)`` instead of
@@ -56,9 +57,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
 
     Context (context = rows of wpe): the model sees the last context tokens; once the sequence
     is longer, the window slides, every kept token changes position, and the cache is rebuilt
-    each step, as in ``qkv.pt.generate``.
+    each step, as in ``qkv.pt.generate``. RoPE models have no wpe and so no context here: the
+    whole sequence is the window, and the cache is never rebuilt.
     """
-    params, n_head = model
+    params, n_head, arch = model if len(model) == 3 else (*model, None)
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 1:
         raise ValueError(f"generate: prompt_ids must be 1-D (seq,); got {shape_of(prompt)}")
@@ -73,19 +75,20 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
         filter_top_k(np.zeros(1), top_k)  # raises on a bad k, with filter_top_k's message
     if top_p is not None:
         filter_top_p(np.zeros(1), top_p)
-    context = params["wpe"].shape[0]
+    context = params["wpe"].shape[0] if "wpe" in params else None
     rng = np.random.default_rng(seed)
     cache = None  # KVCache of the current window's tokens
     for _ in range(max_new_tokens):
-        window = ids[-context:]
+        window = ids if context is None else ids[-context:]
         if not use_cache:
-            logits = gpt_forward(np.array(window), params, n_head)[-1]  # (vocab,)
+            logits = gpt_forward(np.array(window), params, n_head, arch=arch)[-1]  # (vocab,)
         elif cache is not None and cache.pos == len(window) - 1:
             # one new token after a window the cache already holds
-            logits = gpt_forward(np.array(window[-1:]), params, n_head, kv_cache=cache)[-1]
+            logits = gpt_forward(np.array(window[-1:]), params, n_head, kv_cache=cache,
+                                 arch=arch)[-1]
         else:  # first step, or the window slid: the cached positions are stale
             cache = KVCache(len(params["blocks"]))
-            logits = gpt_forward(np.array(window), params, n_head, kv_cache=cache)[-1]
+            logits = gpt_forward(np.array(window), params, n_head, kv_cache=cache, arch=arch)[-1]
         if temperature == 0:
             token = int(np.argmax(logits))  # the first of equal maxima, like torch.argmax
         else:

@@ -89,19 +89,20 @@ def clip_grad_norm(grads, max_norm: float):
 
 
 def train_numpy(params, n_head: int, batches, lr, betas=(0.9, 0.999), eps: float = 1e-8,
-                weight_decay: float = 0.0, grad_clip: float = 0.0):
+                weight_decay: float = 0.0, grad_clip: float = 0.0, arch=None):
     """Train gpt_forward's params with AdamW, one step per batch.
 
     params: as gpt_forward takes them (e.g. ``GPT.numpy_params()``); left unchanged.
     batches: iterable of (x, y), each (batch, seq) token ids, y = x shifted by one.
     lr: a float, or a function step -> learning rate (step counts from 0).
     grad_clip: clip the global gradient norm to this (0: no clipping).
+    arch: the model's pieces, as in gpt_forward (None: GPT-2).
     returns: (trained params, losses): one float per step, the loss BEFORE that step's update.
     """
     state = adamw_init(params)
     losses = []
     for step, (x, y) in enumerate(batches):
-        loss, cache = gpt_loss_forward(x, y, params, n_head)
+        loss, cache = gpt_loss_forward(x, y, params, n_head, arch)
         grads = gpt_loss_backward(cache)
         if grad_clip > 0:
             grads, _ = clip_grad_norm(grads, grad_clip)

@@ -7,6 +7,7 @@ follow the device and dtype of the inputs (CPU or CUDA; float32, float64, bfloat
 ``GPTConfig`` and ``GPT`` wrap the pure functions in GPT-2's module layout.
 """
 
+from qkv._arch import Arch
 from qkv._kv_cache import KVCache
 
 from .attention import merge_heads, multi_head_attention, scaled_dot_product_attention, split_heads
@@ -14,6 +15,7 @@ from .block import decoder_block
 from .embedding import embed
 from .gelu import gelu
 from .generate import filter_top_k, filter_top_p, generate
+from .gqa import repeat_kv
 from .layer_norm import layer_norm
 from .linear import linear
 from .loss import cross_entropy
@@ -21,9 +23,13 @@ from .masking import causal_mask
 from .mlp import mlp
 from .model import GPT, GPTConfig, load_gpt2_weights
 from .positional import sinusoidal_positional_encoding
+from .rms_norm import rms_norm
+from .rope import rope, rope_table
 from .softmax import softmax
+from .swiglu import silu, swiglu
 
 __all__ = [
+    "Arch",
     "KVCache",
     "GPT",
     "GPTConfig",
@@ -42,10 +48,16 @@ __all__ = [
     "merge_heads",
     "mlp",
     "multi_head_attention",
+    "repeat_kv",
+    "rms_norm",
+    "rope",
+    "rope_table",
     "scaled_dot_product_attention",
+    "silu",
     "sinusoidal_positional_encoding",
     "softmax",
     "split_heads",
+    "swiglu",
 ]
 
 

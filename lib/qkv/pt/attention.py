@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from qkv._arch import check_kv_heads, check_rope_tables, qkv_width
 from qkv._checks import (
     check_attention,
     check_float,
@@ -24,8 +25,11 @@ from qkv._checks import (
 )
 from qkv._kv_cache import cached_seq
 
+from .gqa import repeat_kv
 from .linear import linear
 from .masking import causal_mask
+from .rms_norm import rms_norm
+from .rope import rope as rotate
 from .softmax import softmax
 
 
@@ -106,7 +110,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causal=True,
-                         return_weights=False, fused=False, kv_cache=None):
+                         return_weights=False, fused=False, kv_cache=None, n_kv_head=None,
+                         rope=None, qk_norm=None, norm_eps=1e-5):
     """Self-attention with n_head heads, then the output projection.
 
     x:     (..., seq, d_model)
@@ -121,6 +126,13 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
         values are appended to it (each (..., n_head, seq_k, d_head) afterwards) and x's queries
         attend over all of them; the bottom-right causal mask lets the new query j see the
         cached keys and its own past, exactly what it would see in one full pass.
+    n_kv_head: key/value heads (None: n_head). Fewer is grouped-query attention: w_qkv is then
+        (d_model, (n_head + 2 * n_kv_head) * d_head), columns [Q | K | V], and query head h
+        reads K/V head h // (n_head // n_kv_head) (see repeat_kv); the cache keeps n_kv_head.
+    rope: None, or (cos, sin) from rope_table for x's positions, each (seq, d_head // 2):
+        q and k are rotated (half-split layout) before the scores; the cache keeps rotated keys.
+    qk_norm: None, or (q_gamma, k_gamma), each (d_head,): rms_norm (with norm_eps) on every
+        head's q and k, before RoPE.
     returns: (..., seq, d_model), or (out, weights (..., n_head, seq, seq_k)) if return_weights.
 
     torch.nn.MultiheadAttention computes the same thing with in_proj_weight = w_qkv.T and
@@ -131,21 +143,35 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, mask=None, causa
     check_min_ndim(fn, "x", x, 2, "(..., seq, d_model)")
     seq, d_model = x.shape[-2:]
     check_n_head(fn, d_model, n_head)
-    check_shape(fn, "w_qkv", w_qkv, (d_model, 3 * d_model), "(d_model, 3*d_model)")
+    n_kv = n_head if n_kv_head is None else n_kv_head
+    check_kv_heads(fn, n_head, n_kv)
+    d_head = d_model // n_head
+    check_shape(fn, "w_qkv", w_qkv, (d_model, qkv_width(n_head, n_kv, d_head)),
+                "(d_model, 3*d_model)" if n_kv == n_head else
+                "(d_model, (n_head + 2*n_kv_head) * d_head)")
     check_shape(fn, "w_out", w_out, (d_model, d_model), "(d_model, d_model)")
     seq_k = seq + (0 if kv_cache is None else cached_seq(fn, kv_cache))
     if mask is not None:
         check_mask(fn, mask, shape_of(x)[:-1] + (seq_k,), "(..., seq, seq_k)")
         mask = mask[..., None, :, :]  # (..., 1, seq, seq_k): one mask for all heads
 
-    qkv = linear(x, w_qkv, b_qkv, fused=fused)  # (..., seq, 3*d_model)
-    q, k, v = qkv.split(d_model, dim=-1)  # each (..., seq, d_model)
-    q, k, v = (split_heads(t, n_head) for t in (q, k, v))  # each (..., n_head, seq, d_head)
+    qkv = linear(x, w_qkv, b_qkv, fused=fused)  # (..., seq, (n_head + 2*n_kv) * d_head)
+    q, k, v = qkv.split([n_head * d_head, n_kv * d_head, n_kv * d_head], dim=-1)
+    q = split_heads(q, n_head)  # (..., n_head, seq, d_head)
+    k, v = split_heads(k, n_kv), split_heads(v, n_kv)  # (..., n_kv_head, seq, d_head) each
+    if qk_norm is not None:  # each head's q and k to unit RMS, times a learned scale
+        q, k = (rms_norm(t, g, norm_eps, fused=fused) for t, g in zip((q, k), qk_norm,
+                                                                      strict=True))
+    if rope is not None:  # rotate by position; v is not rotated (it carries content only)
+        cos, sin = check_rope_tables(fn, rope, seq, d_head)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     if kv_cache is not None:
         if kv_cache:  # the earlier positions' keys and values go first
-            k = torch.cat([kv_cache["k"], k], dim=-2)  # (..., n_head, seq_k, d_head)
+            k = torch.cat([kv_cache["k"], k], dim=-2)  # (..., n_kv_head, seq_k, d_head)
             v = torch.cat([kv_cache["v"], v], dim=-2)
         kv_cache["k"], kv_cache["v"] = k, v
+    # (..., n_head, seq_k, d_head) each: query head h reads K/V head h // n_rep
+    k, v = repeat_kv(k, n_head // n_kv), repeat_kv(v, n_head // n_kv)
     result = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal,
                                           return_weights=return_weights, fused=fused)
     out, weights = result if return_weights else (result, None)  # out (..., n_head, seq, d_head)

@@ -1,4 +1,5 @@
-"""GPT: the pure functions of qkv.pt wrapped in nn.Modules, in GPT-2's layout.
+"""GPT: the pure functions of qkv.pt wrapped in nn.Modules, in GPT-2's layout, with switches
+for the modern pieces (RMSNorm, RoPE, SwiGLU, grouped-query attention, QK-norm; see qkv.Arch).
 
 Parameter names match Hugging Face's GPT-2 (transformer.wte, transformer.h[i].attn.c_attn, ...)
 and linear weights are stored (d_in, d_out) like GPT-2's Conv1D, so GPT-2 weights load
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qkv._arch import GPT2, Arch, check_kv_heads, check_rope_dims, qkv_width
 from qkv._checks import (
     GPT2_BLOCK_BUFFERS,
     check_gpt2_state_dict,
@@ -22,12 +24,13 @@ from qkv._checks import (
     shape_of,
 )
 from qkv._kv_cache import KVCache, check_model_cache
+from qkv._llama import EMBED, FINAL_NORM, HEAD, block_key, check_llama_state_dict
 
-from .block import decoder_block
+from .block import decoder_block, norm
 from .embedding import embed
 from .interp import run_with_cache, run_with_patches
-from .layer_norm import layer_norm
 from .loss import cross_entropy
+from .rope import rope_table
 
 
 @dataclass
@@ -46,6 +49,13 @@ class GPTConfig:
     attention: None runs attention on the path ``fused`` picks; "flash" runs it through
         qkv.pt.flash_attention, the Triton kernel of chapter 15 (the other layers stay fused).
         Generation with a KV cache keeps the ``fused`` path.
+    norm, position, mlp, n_kv_head, qk_norm, rope_theta, norm_eps: the architecture switches,
+        as in qkv.Arch (the defaults are GPT-2's); ``arch`` hands them to the pure functions.
+        With position "rope" there is no wpe; with norm "rms" the norms have no bias.
+    d_ff: the MLP's hidden width; None: 4 * d_model for GELU, and for SwiGLU two thirds of
+        that rounded up to a multiple of 8 (8/3 d_model: three matrices with the parameters
+        of GELU's two).
+    tie_embeddings: the unembedding is wte (GPT-2); False gives lm_head its own weight (Llama).
     """
 
     vocab_size: int
@@ -57,17 +67,45 @@ class GPTConfig:
     bias: bool = True
     fused: bool = True
     attention: str | None = None
+    norm: str = "layer"
+    position: str = "learned"
+    mlp: str = "gelu"
+    n_kv_head: int | None = None
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    d_ff: int | None = None
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         check_n_head("GPTConfig", self.d_model, self.n_head)
         if self.attention not in (None, "flash"):
             raise ValueError(f'GPTConfig: attention must be None or "flash"; '
                              f"got {self.attention!r}")
+        self.arch.kv_heads("GPTConfig", self.n_head)  # also checks every switch's value
+        if self.position == "rope":
+            check_rope_dims("GPTConfig", self.d_model // self.n_head)
 
     @property
     def kernels(self):
         """The ``fused`` argument the blocks pass down: "flash" selects the Triton attention."""
         return "flash" if self.attention == "flash" else self.fused
+
+    @property
+    def arch(self) -> Arch:
+        """The architecture switches as the pure functions take them (``arch=``)."""
+        return Arch(norm=self.norm, position=self.position, mlp=self.mlp,
+                    n_kv_head=self.n_kv_head, qk_norm=self.qk_norm, rope_theta=self.rope_theta,
+                    norm_eps=self.norm_eps)
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden width d_ff (see d_ff)."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-(8 * self.d_model // 3) // 8) * 8  # 8/3 d_model, up to a multiple of 8
+        return 4 * self.d_model
 
 
 class Linear(nn.Module):
@@ -80,7 +118,8 @@ class Linear(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Holds layer_norm's learned scale (weight = gamma) and shift (bias = beta)."""
+    """Holds layer_norm's learned scale (weight = gamma) and shift (bias = beta); rms_norm's
+    scale alone (bias None)."""
 
     def __init__(self, d_model: int, bias: bool = True):
         super().__init__()
@@ -89,21 +128,30 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Holds c_attn (d_model -> 3*d_model, [Q | K | V]) and c_proj (d_model -> d_model)."""
+    """Holds c_attn (d_model -> 3*d_model, [Q | K | V]; with n_kv_head K/V heads,
+    (n_head + 2*n_kv_head) * d_head columns) and c_proj (d_model -> d_model); with qk_norm also
+    q_norm and k_norm, the (d_head,) scales of QK-norm."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_attn = Linear(config.d_model, 3 * config.d_model, config.bias)
+        n_kv = config.arch.kv_heads("GPTConfig", config.n_head)
+        d_head = config.d_model // config.n_head
+        self.c_attn = Linear(config.d_model, qkv_width(config.n_head, n_kv, d_head), config.bias)
         self.c_proj = Linear(config.d_model, config.d_model, config.bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = LayerNorm(d_head, False), LayerNorm(d_head, False)
 
 
 class MLP(nn.Module):
-    """Holds c_fc (d_model -> 4*d_model) and c_proj (4*d_model -> d_model)."""
+    """Holds c_fc (d_model -> d_ff; SwiGLU: d_model -> 2*d_ff, [gate | up]) and
+    c_proj (d_ff -> d_model)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.d_model, 4 * config.d_model, config.bias)
-        self.c_proj = Linear(4 * config.d_model, config.d_model, config.bias)
+        d_ff = config.hidden
+        width = 2 * d_ff if config.mlp == "swiglu" else d_ff
+        self.c_fc = Linear(config.d_model, width, config.bias)
+        self.c_proj = Linear(d_ff, config.d_model, config.bias)
 
 
 class Block(nn.Module):
@@ -116,28 +164,33 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.d_model, config.bias)
+        norm_bias = config.bias and config.norm == "layer"  # RMSNorm has no shift
+        self.ln_1 = LayerNorm(config.d_model, norm_bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.d_model, config.bias)
+        self.ln_2 = LayerNorm(config.d_model, norm_bias)
         self.mlp = MLP(config)
         self.config = config  # read at every call, so model.config.fused = False takes effect
 
     def params(self) -> dict:
         """This block's parameters under the names ``decoder_block`` expects."""
+        extra = {}
+        if self.config.qk_norm:
+            extra = dict(q_norm_gamma=self.attn.q_norm.weight, k_norm_gamma=self.attn.k_norm.weight)
         return dict(
             ln1_gamma=self.ln_1.weight, ln1_beta=self.ln_1.bias,
             w_qkv=self.attn.c_attn.weight, b_qkv=self.attn.c_attn.bias,
             w_out=self.attn.c_proj.weight, b_out=self.attn.c_proj.bias,
             ln2_gamma=self.ln_2.weight, ln2_beta=self.ln_2.bias,
             w_fc=self.mlp.c_fc.weight, b_fc=self.mlp.c_fc.bias,
-            w_proj=self.mlp.c_proj.weight, b_proj=self.mlp.c_proj.bias,
+            w_proj=self.mlp.c_proj.weight, b_proj=self.mlp.c_proj.bias, **extra,
         )
 
-    def forward(self, x, mask=None, kv_cache: dict | None = None):
+    def forward(self, x, mask=None, kv_cache: dict | None = None, rope=None):
         """x (..., seq, d_model) -> (..., seq, d_model); kv_cache: this block's entry of a
-        KVCache (see decoder_block)."""
+        KVCache; rope: (cos, sin) for x's positions (see decoder_block)."""
         return decoder_block(x, self.params(), self.config.n_head, mask=mask,
-                             fused=self._kernels(kv_cache), kv_cache=kv_cache)
+                             fused=self._kernels(kv_cache), kv_cache=kv_cache,
+                             arch=self.config.arch, rope=rope)
 
     def _kernels(self, kv_cache):
         # cached decoding (seq_q < seq_k) keeps the fused path; the flash kernel serves a
@@ -150,6 +203,8 @@ class GPT(nn.Module):
 
     Layout (GPT-2): transformer.wte (vocab, d_model), transformer.wpe (context, d_model),
     transformer.h[i] (Block), transformer.ln_f, and lm_head whose weight IS wte's (tied).
+    Modern switches (GPTConfig): no wpe with RoPE; lm_head its own weight when
+    tie_embeddings is False; see Block and its sub-modules for the rest.
 
     Weights start GPT-2 style: normal(0, 0.02), with the projections that write into the
     residual stream (the c_proj layers) at 0.02 / sqrt(2 * n_layer), so the stream's variance
@@ -160,16 +215,19 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.d_model))
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.context_length, config.d_model)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.d_model),
-            wpe=nn.Embedding(config.context_length, config.d_model),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.d_model, config.bias),
+            ln_f=LayerNorm(config.d_model, config.bias and config.norm == "layer"),
         ))
         # nn.Linear stores (vocab, d_model), the same shape as wte: share one parameter.
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         self._init_weights(generator)
 
     @torch.no_grad()
@@ -178,7 +236,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # the tied weight appears once
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, 0.0, residual_std, generator=generator)
-            elif p.ndim == 2:  # wte, wpe, c_attn, c_fc
+            elif p.ndim == 2:  # wte, wpe, c_attn, c_fc, an untied lm_head
                 nn.init.normal_(p, 0.0, 0.02, generator=generator)
 
     def forward(self, token_ids: torch.Tensor, targets: torch.Tensor | None = None,
@@ -200,16 +258,20 @@ class GPT(nn.Module):
                              f"got token_ids {shape_of(token_ids)}")
         start = 0 if kv_cache is None else check_model_cache(
             "GPT.forward", kv_cache, cfg.n_layer, seq, cfg.context_length)
-        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
-        # (..., seq, d_model): token + learned position
-        x = embed(token_ids, wte) + wpe[start:start + seq]
+        x = embed(token_ids, self.transformer.wte.weight)  # (..., seq, d_model)
+        rope = None
+        if cfg.position == "learned":  # token + learned position
+            x = x + self.transformer.wpe.weight[start:start + seq]
+        else:  # the positions enter inside attention, as rotations of q and k
+            rope = rope_table(seq, cfg.d_model // cfg.n_head, cfg.rope_theta, start,
+                              dtype=x.dtype, device=x.device)  # (seq, d_head/2) each
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
+            x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i], rope=rope)
         if kv_cache is not None:
             kv_cache.pos += seq
         ln_f = self.transformer.ln_f
-        x = layer_norm(x, ln_f.weight, ln_f.bias, fused=cfg.fused)
+        x = norm(x, ln_f.weight, ln_f.bias, cfg.arch, fused=cfg.fused)
         logits = self.lm_head(x)  # (..., seq, vocab) = x @ wte.T
         if targets is None:
             return logits
@@ -230,13 +292,17 @@ class GPT(nn.Module):
             return None if t is None else t.detach().cpu().to(torch.float64).numpy()
 
         T = self.transformer
-        return dict(
+        params = dict(
             wte=a(T.wte.weight),
-            wpe=a(T.wpe.weight),
             blocks=[{k: a(v) for k, v in block.params().items()} for block in T.h],
             lnf_gamma=a(T.ln_f.weight),
             lnf_beta=a(T.ln_f.bias),
         )
+        if "wpe" in T:
+            params["wpe"] = a(T.wpe.weight)
+        if not self.config.tie_embeddings:
+            params["w_unembed"] = a(self.lm_head.weight).T.copy()  # (d_model, vocab)
+        return params
 
     @classmethod
     def from_gpt2_state_dict(cls, state_dict, config: GPTConfig | None = None, *,
@@ -281,6 +347,63 @@ class GPT(nn.Module):
         model.load_state_dict(weights)  # also checks every shape
         return model
 
+    @classmethod
+    def from_llama_state_dict(cls, state_dict, *, n_head: int, n_kv_head: int | None = None,
+                              rope_theta: float = 10000.0, norm_eps: float = 1e-5,
+                              context_length: int = 2048, fused: bool = True) -> "GPT":
+        """A GPT holding the weights of a Hugging Face Llama (LlamaForCausalLM) state dict.
+
+        state_dict: name -> tensor (or NumPy array) under Llama's names (see
+            qkv.np.params_from_llama_state_dict).
+        n_head, n_kv_head (None: n_head), rope_theta, norm_eps: the LlamaConfig values the
+            weights cannot tell (num_attention_heads, num_key_value_heads, rope_theta,
+            rms_norm_eps). context_length: the longest window generation keeps
+            (max_position_embeddings; RoPE itself has no limit).
+        returns: a GPT with norm "rms", position "rope", mlp "swiglu", no biases, the state
+            dict's d_ff, dtype and device, and an untied lm_head unless lm_head.weight is
+            absent or equals the embedding.
+
+        KeyError for missing or unexpected keys; ValueError if n_head or n_kv_head do not fit
+        the shapes. Llama's (d_out, d_in) matrices are transposed to qkv's (d_in, d_out).
+        """
+        fn = "GPT.from_llama_state_dict"
+        n_layer, tied = check_llama_state_dict(fn, state_dict)
+
+        def w(key):
+            return torch.as_tensor(state_dict[key])
+
+        wte = w(EMBED)
+        vocab, d_model = wte.shape
+        n_kv = n_head if n_kv_head is None else n_kv_head
+        check_n_head(fn, d_model, n_head)
+        check_kv_heads(fn, n_head, n_kv)
+        k_rows = w(block_key(0, "k")).shape[0]
+        if k_rows != n_kv * (d_model // n_head):
+            raise ValueError(f"{fn}: k_proj has {k_rows} rows = n_kv_head * d_head; with "
+                             f"d_model {d_model}, n_head {n_head} and n_kv_head {n_kv} it "
+                             f"would have {n_kv * (d_model // n_head)}")
+        config = GPTConfig(vocab_size=vocab, context_length=context_length, n_layer=n_layer,
+                           n_head=n_head, d_model=d_model, bias=False, fused=fused, norm="rms",
+                           position="rope", mlp="swiglu", n_kv_head=n_kv_head,
+                           rope_theta=rope_theta, norm_eps=norm_eps,
+                           d_ff=w(block_key(0, "down")).shape[1], tie_embeddings=tied)
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten at once
+            model = cls(config).to(device=wte.device, dtype=wte.dtype)
+        weights = {"transformer.wte.weight": wte, "transformer.ln_f.weight": w(FINAL_NORM),
+                   "lm_head.weight": wte if tied else w(HEAD)}
+        for i in range(n_layer):
+            h = f"transformer.h.{i}."
+            weights[h + "ln_1.weight"] = w(block_key(i, "ln1"))
+            weights[h + "ln_2.weight"] = w(block_key(i, "ln2"))
+            weights[h + "attn.c_attn.weight"] = torch.cat(
+                [w(block_key(i, part)).T for part in ("q", "k", "v")], dim=1)  # [Q | K | V]
+            weights[h + "attn.c_proj.weight"] = w(block_key(i, "o")).T
+            weights[h + "mlp.c_fc.weight"] = torch.cat(
+                [w(block_key(i, part)).T for part in ("gate", "up")], dim=1)  # [gate | up]
+            weights[h + "mlp.c_proj.weight"] = w(block_key(i, "down")).T
+        model.load_state_dict(weights)  # also checks every shape
+        return model
+
     def to_gpt2_state_dict(self) -> dict:
         """This model's weights under Hugging Face GPT-2's names, for
         GPT2LMHeadModel.load_state_dict (with a GPT2Config of the same sizes).
@@ -288,7 +411,12 @@ class GPT(nn.Module):
         The tensors share storage with the model (clone them to keep a snapshot). lm_head.weight
         is included, as in GPT2LMHeadModel's own state dict. GPT-2 always has biases: a model
         built with bias=False gets zero biases, which compute exactly the same function.
+        ValueError for a model with modern switches, which GPT-2's layout cannot hold.
         """
+        if self.config.arch != GPT2 or self.config.d_ff not in (None, 4 * self.config.d_model) \
+                or not self.config.tie_embeddings:
+            raise ValueError(f"to_gpt2_state_dict: GPT-2's layout holds the GPT-2 switches only "
+                             f"(Arch() and tied embeddings); this model has {self.config.arch}")
         state = dict(self.state_dict())  # our names are already GPT-2's
         for name, module in self.named_modules():
             if isinstance(module, (Linear, LayerNorm)) and module.bias is None:

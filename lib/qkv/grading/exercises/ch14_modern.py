@@ -1,0 +1,377 @@
+"""Chapter 14, the modern decoder: RMSNorm, RoPE, attention with RoPE, SwiGLU, repeat_kv and
+grouped-query attention.
+
+The references are qkv.np's own functions, captured here at import (before learner code runs).
+The catalogues hold the wrong answers the chapter warns about: an RMSNorm that subtracts the
+mean, RoPE with the wrong pairs (interleaved instead of half-split), another frequency base,
+positions not shifted by ``start`` (a KV cache's offset), rotated values or unrotated keys, a
+SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated.
+"""
+
+import math
+
+import numpy as np
+
+import qkv.np as _qnp
+
+from .. import _trusted as _t
+from ..engine import Case, Mistake, _normal
+from ..exercise import Exercise
+from ..kinds import Array
+
+_ref_rms_norm = _qnp.rms_norm
+_ref_layer_norm = _qnp.layer_norm
+_ref_rope = _qnp.rope
+_ref_attention = _qnp.scaled_dot_product_attention
+_ref_swiglu = _qnp.swiglu
+_ref_repeat_kv = _qnp.repeat_kv
+_ref_silu = _qnp.silu
+_ref_gelu = _qnp.gelu
+_concat = np.concatenate
+_tile = np.tile
+_repeat = np.repeat
+BASE = 10000.0
+
+# --- RMSNorm -------------------------------------------------------------------------------------
+
+
+def _rms_variant(x, gamma, *, eps=1e-5, center=False, eps_outside=False, use_gamma=True,
+                 total=False, axis=-1):
+    if center:
+        x = x - x.mean(axis=axis, keepdims=True)
+    ms = (x * x).sum(axis=axis, keepdims=True) if total else (x * x).mean(axis=axis, keepdims=True)
+    rms = np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps)
+    return x / rms * (gamma if use_gamma else 1.0)
+
+
+def _rms_mistakes(x, gamma):
+    def v(**knobs):
+        return lambda x, gamma: _rms_variant(x, gamma, **knobs)
+
+    yield Mistake("{name} subtracts the mean first: that is layer norm. RMSNorm divides x itself "
+                  "by its root mean square, x / sqrt(mean(x**2) + eps) * gamma, with no "
+                  "centring.", v(center=True))
+    yield Mistake("{name} puts eps outside the square root; it belongs inside: "
+                  "sqrt(mean(x**2) + eps).", v(eps_outside=True))
+    yield Mistake("{name} leaves out eps (1e-5 by default, inside the square root).", v(eps=0.0))
+    yield Mistake("{name} uses the sum of x**2, not its mean: divide by "
+                  "sqrt(mean(x**2, axis=-1) + eps).", v(total=True))
+    yield Mistake("{name} forgets to scale by gamma: return x / rms * gamma.", v(use_gamma=False))
+    for axis in range(-x.ndim, -1):
+        yield Mistake(f"{{name}} takes the mean along axis {axis}; each vector x[..., :] (the "
+                      "last axis) gets its own root mean square.", v(axis=axis))
+
+
+def _rms_args(rng, *shape, scale=2.0, shift=1.0, dtype=np.float64):
+    x = _normal(rng, *shape, scale=scale, dtype=dtype) + shift
+    return x, (1.0 + 0.3 * rng.normal(size=shape[-1])).astype(dtype)
+
+
+def _rms_cases(hidden):
+    names = ("x", "gamma")
+    if not hidden:
+        rng = _t.default_rng(1401)
+        return [Case(_rms_args(rng, 4, 8), names),
+                Case(_rms_args(rng, 2, 3, 6), names, "x is (batch, seq, d_model) here."),
+                Case(_rms_args(rng, 3, 8, scale=1e-3, shift=0.0), names,
+                     "The rows here are tiny (root mean square about 1e-3), so eps matters.")]
+    rng = _t.default_rng(14101)
+    zero = _rms_args(rng, 2, 5)
+    zero[0][0] = 0.0
+    return [Case(zero, names, "x[0] is all zeros: eps keeps the result finite (zeros)."),
+            Case(_rms_args(rng, 5, 16, dtype=np.float32), names, "x is float32 here."),
+            Case(_rms_args(rng, 2, 2, 3, 8, scale=100.0), names)]
+
+
+RMS_NORM = Exercise(
+    name="rms_norm",
+    reference=lambda x, gamma: _ref_rms_norm(x, gamma),
+    visible=lambda: _rms_cases(False),
+    hidden=lambda: _rms_cases(True),
+    mistakes=_rms_mistakes,
+    doc="rms_norm(x, gamma) = x / sqrt(mean(x**2, last axis) + 1e-5) * gamma; x (..., d_model), "
+        "gamma (d_model,).",
+)
+
+# --- RoPE ----------------------------------------------------------------------------------------
+
+
+def _table(seq, d_head, start=0, base=BASE, step=2):
+    """cos, sin (seq, d_head/2); step=1: the exponent i / d_head instead of 2i / d_head."""
+    i = np.arange(d_head // 2, dtype=np.float64)
+    angles = np.outer(np.arange(start, start + seq, dtype=np.float64),
+                      base ** (-step * i / d_head))
+    return np.cos(angles), np.sin(angles)
+
+
+def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1.0):
+    cos, sin = _table(x.shape[-2], x.shape[-1], start + shift, base, step)
+    return _ref_rope(x, cos.astype(x.dtype), (sign * sin).astype(x.dtype), layout)
+
+
+def _ref_rope_ex(x, start):
+    return _rope_variant(x, int(start))
+
+
+def _rope_mistakes(x, start):
+    start = int(start)
+
+    def v(**knobs):
+        return lambda x, start: _rope_variant(x, int(start), **knobs)
+
+    yield Mistake("{name} pairs neighbouring coordinates (2i, 2i+1), the interleaved layout of "
+                  "the RoFormer paper. This task (like Hugging Face's Llama) pairs coordinate i "
+                  "with i + d_head/2: the first half holds every pair's first coordinate.",
+                  v(layout="interleaved"))
+    for base in (1000.0, 100000.0, 500000.0):
+        yield Mistake(f"{{name}} uses the frequency base {base:g}; this task uses 10,000: "
+                      "theta_i = 10000 ** (-2 i / d_head).", v(base=base))
+    yield Mistake("{name} uses the exponent -i / d_head; the frequencies are "
+                  "theta_i = 10000 ** (-2 i / d_head), i = 0 .. d_head/2 - 1.", v(step=1))
+    yield Mistake("{name} rotates the wrong way: pair (a, b) becomes "
+                  "(a cos - b sin, a sin + b cos).", v(sign=-1.0))
+    if start:
+        yield Mistake("{name} ignores start: the rows of x sit at positions start .. start + "
+                      "seq - 1 (with a KV cache the new token is at the cache's position, not "
+                      "0).", lambda x, s: _rope_variant(x, 0))
+    yield Mistake("{name} is off by one: the first row of x sits at position start, not "
+                  "start + 1.", v(shift=1))
+    if start:
+        yield Mistake("{name} is off by one: the first row of x sits at position start, not "
+                      "start - 1.", v(shift=-1))
+
+
+def _rope_cases(hidden):
+    names = ("x", "start")
+    if not hidden:
+        rng = _t.default_rng(1402)
+        return [Case((_normal(rng, 6, 8), 3), names, "start = 3: the rows sit at positions 3..8."),
+                Case((_normal(rng, 2, 3, 5, 16), 0), names,
+                     "x is (batch, n_head, seq, d_head) here, start = 0.")]
+    rng = _t.default_rng(14102)
+    return [Case((_normal(rng, 1, 8), 40), names, "One row at position 40, as when generating "
+                                                  "with a KV cache."),
+            Case((_normal(rng, 4, 7, 32, dtype=np.float32), 2), names, "x is float32 here."),
+            Case((_normal(rng, 3, 2), 5), names, "d_head = 2: a single pair.")]
+
+
+ROPE = Exercise(
+    name="rope",
+    reference=_ref_rope_ex,
+    visible=lambda: _rope_cases(False),
+    hidden=lambda: _rope_cases(True),
+    mistakes=_rope_mistakes,
+    doc="rope(x, start): rotate pair i = (x[..., i], x[..., i + d_head/2]) of the row at position "
+        "p = start + row by p * 10000 ** (-2i / d_head); x (..., seq, d_head) -> same shape.",
+)
+
+# --- attention with RoPE -------------------------------------------------------------------------
+
+
+def _rotary_variant(q, k, v, *, rot_q=True, rot_k=True, rot_v=False, causal=True, scale=True,
+                    layout="half"):
+    def r(t, on):
+        return _rope_variant(t, 0, layout=layout) if on else t
+
+    q, k, v = r(q, rot_q), r(k, rot_k), r(v, rot_v)
+    if not scale:
+        q = q * math.sqrt(q.shape[-1])  # undoes the reference's 1/sqrt(d_head)
+    return _ref_attention(q, k, v, causal=causal)
+
+
+def _rotary_mistakes(q, k, v):
+    def var(**knobs):
+        return lambda q, k, v: _rotary_variant(q, k, v, **knobs)
+
+    yield Mistake("{name} also rotates the values. RoPE rotates q and k only: positions decide "
+                  "where to look, and v carries the content that is moved.", var(rot_v=True))
+    yield Mistake("{name} forgets to rotate the keys: rotate both q and k, each row by its own "
+                  "position.", var(rot_k=False))
+    yield Mistake("{name} forgets to rotate the queries: rotate both q and k.", var(rot_q=False))
+    yield Mistake("{name} rotates the keys but also the values, not the queries: rotate q and k.",
+                  var(rot_q=False, rot_v=True))
+    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
+                  var(causal=False))
+    yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale=False))
+    yield Mistake("{name} rotates neighbouring coordinates (2i, 2i+1); pair i here is "
+                  "(i, i + d_head/2), the half-split layout.", var(layout="interleaved"))
+
+
+def _rotary_args(rng, *lead, seq, d_head, dtype=np.float64):
+    return tuple(_normal(rng, *lead, seq, d_head, dtype=dtype) for _ in range(3))
+
+
+def _rotary_cases(hidden):
+    names = ("q", "k", "v")
+    if not hidden:
+        rng = _t.default_rng(1403)
+        return [Case(_rotary_args(rng, seq=5, d_head=8), names),
+                Case(_rotary_args(rng, 2, 3, seq=4, d_head=16), names,
+                     "q, k, v are (batch, n_head, seq, d_head) here.")]
+    rng = _t.default_rng(14103)
+    return [Case(_rotary_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
+                 "float32 here."),
+            Case(_rotary_args(rng, seq=1, d_head=8), names, "seq = 1 here."),
+            Case(_rotary_args(rng, 3, seq=12, d_head=32), names)]
+
+
+ROTARY_ATTENTION = Exercise(
+    name="rotary_attention",
+    reference=lambda q, k, v: _rotary_variant(q, k, v),
+    visible=lambda: _rotary_cases(False),
+    hidden=lambda: _rotary_cases(True),
+    mistakes=_rotary_mistakes,
+    doc="rotary_attention(q, k, v): causal softmax(rope(q) rope(k)^T / sqrt(d_head)) v, rows at "
+        "positions 0..seq-1 (half-split RoPE, base 10,000); q, k, v (..., seq, d_head).",
+)
+
+# --- SwiGLU --------------------------------------------------------------------------------------
+
+
+def _swiglu_ref(x, w_gate, w_up, w_down):
+    return _ref_swiglu(x, _concat([w_gate, w_up], axis=1), None, w_down, None)
+
+
+def _swiglu_mistakes(x, w_gate, w_up, w_down):
+    def sig(z):
+        return 1.0 / (1.0 + np.exp(-z))
+
+    yield Mistake("{name} gates the wrong branch: SiLU goes on x @ w_gate, and x @ w_up stays "
+                  "linear: (silu(x @ w_gate) * (x @ w_up)) @ w_down.",
+                  lambda x, g, u, d: _swiglu_ref(x, u, g, d))
+    yield Mistake("{name} uses GELU as the gate; SwiGLU's gate is SiLU, z * sigmoid(z).",
+                  lambda x, g, u, d: (_ref_gelu(x @ g) * (x @ u)) @ d)
+    yield Mistake("{name} gates with sigmoid(z) (the original GLU); SwiGLU uses "
+                  "silu(z) = z * sigmoid(z).", lambda x, g, u, d: (sig(x @ g) * (x @ u)) @ d)
+    yield Mistake("{name} applies SiLU to both branches; x @ w_up stays linear.",
+                  lambda x, g, u, d: (_ref_silu(x @ g) * _ref_silu(x @ u)) @ d)
+    yield Mistake("{name} applies SiLU after the product: silu goes on x @ w_gate alone.",
+                  lambda x, g, u, d: _ref_silu((x @ g) * (x @ u)) @ d)
+    yield Mistake("{name} adds the two branches; they are multiplied: "
+                  "(silu(x @ w_gate) * (x @ w_up)) @ w_down.",
+                  lambda x, g, u, d: (_ref_silu(x @ g) + (x @ u)) @ d)
+    yield Mistake("{name} leaves out the up branch: (silu(x @ w_gate) * (x @ w_up)) @ w_down.",
+                  lambda x, g, u, d: _ref_silu(x @ g) @ d)
+
+
+def _swiglu_args(rng, shape, d_ff, dtype=np.float64):
+    d = shape[-1]
+    return (_normal(rng, *shape, dtype=dtype),
+            _normal(rng, d, d_ff, scale=1.0 / math.sqrt(d), dtype=dtype),
+            _normal(rng, d, d_ff, scale=1.0 / math.sqrt(d), dtype=dtype),
+            _normal(rng, d_ff, d, scale=1.0 / math.sqrt(d_ff), dtype=dtype))
+
+
+def _swiglu_cases(hidden):
+    names = ("x", "w_gate", "w_up", "w_down")
+    if not hidden:
+        rng = _t.default_rng(1404)
+        return [Case(_swiglu_args(rng, (5, 6), 16), names),
+                Case(_swiglu_args(rng, (2, 3, 12), 32), names, "x is (batch, seq, d_model) here.")]
+    rng = _t.default_rng(14104)
+    return [Case(_swiglu_args(rng, (4, 8), 21, dtype=np.float32), names, "x is float32 here."),
+            Case(_swiglu_args(rng, (2, 2, 3, 8), 8), names)]
+
+
+SWIGLU = Exercise(
+    name="swiglu",
+    reference=_swiglu_ref,
+    visible=lambda: _swiglu_cases(False),
+    hidden=lambda: _swiglu_cases(True),
+    mistakes=_swiglu_mistakes,
+    output=Array(tol32="float32_model"),
+    doc="swiglu(x, w_gate, w_up, w_down) = (silu(x @ w_gate) * (x @ w_up)) @ w_down; x (..., "
+        "d_model), w_gate and w_up (d_model, d_ff), w_down (d_ff, d_model).",
+)
+
+# --- grouped-query attention ---------------------------------------------------------------------
+
+
+def _repeat_kv_mistakes(x, n_rep):
+    n_rep = int(n_rep)
+    yield Mistake("{name} tiles the whole stack of heads (kv0 kv1 kv0 kv1 ...); repeat each head "
+                  "in place (kv0 kv0 kv1 kv1 ...), so that query head h reads K/V head "
+                  "h // n_rep: np.repeat(x, n_rep, axis=-3).",
+                  lambda x, n: _concat([x] * n_rep, axis=-3))
+    yield Mistake("{name} repeats along the seq axis; the heads axis is -3 of (..., n_kv_head, "
+                  "seq, d_head).", lambda x, n: _repeat(x, n_rep, axis=-2))
+
+
+def _kv_cases(hidden):
+    names = ("x", "n_rep")
+    if not hidden:
+        rng = _t.default_rng(1405)
+        return [Case((_normal(rng, 2, 3, 4), 2), names, "x is (n_kv_head, seq, d_head) here."),
+                Case((_normal(rng, 2, 2, 5, 3), 3), names,
+                     "x is (batch, n_kv_head, seq, d_head) here.")]
+    rng = _t.default_rng(14105)
+    return [Case((_normal(rng, 1, 4, 2), 4), names, "n_kv_head = 1: multi-query."),
+            Case((_normal(rng, 3, 2, 2), 1), names, "n_rep = 1: nothing to repeat."),
+            Case((_normal(rng, 2, 4, 3, 2, dtype=np.float32), 2), names, "float32 here.")]
+
+
+REPEAT_KV = Exercise(
+    name="repeat_kv",
+    reference=lambda x, n_rep: _ref_repeat_kv(x, int(n_rep)),
+    visible=lambda: _kv_cases(False),
+    hidden=lambda: _kv_cases(True),
+    mistakes=_repeat_kv_mistakes,
+    doc="repeat_kv(x, n_rep): (..., n_kv_head, seq, d_head) -> (..., n_kv_head * n_rep, seq, "
+        "d_head), head h of the result = head h // n_rep of x.",
+)
+
+
+def _gqa_variant(q, k, v, *, tiled=False, causal=True):
+    n_rep = q.shape[-3] // k.shape[-3]
+
+    def rep(t):
+        return _concat([t] * n_rep, axis=-3) if tiled else _repeat(t, n_rep, axis=-3)
+
+    return _ref_attention(q, rep(k), rep(v), causal=causal)
+
+
+def _gqa_mistakes(q, k, v):
+    yield Mistake("{name} pairs query head h with K/V head h % n_kv_head (the K/V stack tiled); "
+                  "it belongs to group h // (n_head // n_kv_head): repeat each K/V head in "
+                  "place.", lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
+    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
+                  lambda q, k, v: _gqa_variant(q, k, v, causal=False))
+    yield Mistake("{name} tiles the K/V heads and has no causal mask.",
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True, causal=False))
+
+
+def _gqa_args(rng, *lead, n_head, n_kv, seq, d_head, dtype=np.float64):
+    return (_normal(rng, *lead, n_head, seq, d_head, dtype=dtype),
+            _normal(rng, *lead, n_kv, seq, d_head, dtype=dtype),
+            _normal(rng, *lead, n_kv, seq, d_head, dtype=dtype))
+
+
+def _gqa_cases(hidden):
+    names = ("q", "k", "v")
+    if not hidden:
+        rng = _t.default_rng(1406)
+        return [Case(_gqa_args(rng, n_head=4, n_kv=2, seq=5, d_head=8), names,
+                     "4 query heads share 2 K/V heads: heads 0, 1 read K/V head 0."),
+                Case(_gqa_args(rng, 2, n_head=6, n_kv=3, seq=4, d_head=4), names,
+                     "batch 2, 6 query heads, 3 K/V heads.")]
+    rng = _t.default_rng(14106)
+    return [Case(_gqa_args(rng, n_head=4, n_kv=1, seq=6, d_head=8), names,
+                 "n_kv_head = 1: multi-query attention."),
+            Case(_gqa_args(rng, n_head=3, n_kv=3, seq=5, d_head=4), names,
+                 "n_kv_head = n_head: ordinary multi-head attention."),
+            Case(_gqa_args(rng, 2, n_head=8, n_kv=2, seq=7, d_head=4, dtype=np.float32), names,
+                 "float32 here.")]
+
+
+GROUPED_QUERY_ATTENTION = Exercise(
+    name="grouped_query_attention",
+    reference=lambda q, k, v: _gqa_variant(q, k, v),
+    visible=lambda: _gqa_cases(False),
+    hidden=lambda: _gqa_cases(True),
+    mistakes=_gqa_mistakes,
+    doc="grouped_query_attention(q, k, v): causal attention where query head h reads K/V head "
+        "h // (n_head // n_kv_head); q (..., n_head, seq, d_head), k and v (..., n_kv_head, seq, "
+        "d_head) -> (..., n_head, seq, d_head).",
+)
+
+EXERCISES = [RMS_NORM, ROPE, ROTARY_ATTENTION, SWIGLU, REPEAT_KV, GROUPED_QUERY_ATTENTION]

@@ -1,0 +1,201 @@
+"""Chapter 14's exercises: rms_norm, rope, rotary_attention, swiglu, repeat_kv,
+grouped_query_attention. Mistakes are written the way a learner would write them; the
+alternatives differ from the references (complex numbers, einsum, loops, torch, float32)."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from grading_meta import Declared, meta_tests
+
+from qkv.grading import (
+    check_grouped_query_attention,
+    check_repeat_kv,
+    check_rms_norm,
+    check_rope,
+    check_rotary_attention,
+    check_swiglu,
+)
+
+# --- learner-style answers -----------------------------------------------------------------------
+
+
+def rms_norm(x, gamma, eps=1e-5):
+    return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * gamma
+
+
+def rope(x, start, base=10000.0, interleaved=False, sign=1.0, exponent=2):
+    seq, d = x.shape[-2:]
+    inv = base ** (-exponent * np.arange(d // 2) / d)
+    ang = np.arange(start, start + seq)[:, None] * inv  # (seq, d/2)
+    cos, s = np.cos(ang), sign * np.sin(ang)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return np.stack([a * cos - b * s, a * s + b * cos], axis=-1).reshape(x.shape)
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([a * cos - b * s, a * s + b * cos], axis=-1)
+
+
+def rope_complex(x, start):
+    """The half-split pairs as complex numbers, times e^(i p theta)."""
+    seq, d = x.shape[-2:]
+    z = x[..., : d // 2] + 1j * x[..., d // 2:]
+    z = z * np.exp(1j * np.outer(np.arange(start, start + seq), 10000.0 ** (-np.arange(0, d, 2)
+                                                                             / d)))
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def rope_rotate_half(x, start):
+    """Hugging Face's form: x * cos + rotate_half(x) * sin, angles repeated twice."""
+    seq, d = x.shape[-2:]
+    ang = np.arange(start, start + seq)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d)
+    ang = np.concatenate([ang, ang], axis=-1)
+    rotated = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
+    return x * np.cos(ang) + rotated * np.sin(ang)
+
+
+def softmax(s):
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(q, k, v, causal=True, scale=True):
+    s = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) if scale else 1.0)
+    if causal:
+        n = s.shape[-1]
+        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+    return softmax(s) @ v
+
+
+def rotary_attention(q, k, v, rot_v=False, rot_k=True, causal=True, interleaved=False):
+    return attention(rope(q, 0, interleaved=interleaved),
+                     rope(k, 0, interleaved=interleaved) if rot_k else k,
+                     rope(v, 0) if rot_v else v, causal=causal)
+
+
+def rotary_attention_torch(q, k, v):
+    def rot(t):
+        seq, d = t.shape[-2:]
+        ang = torch.arange(seq, dtype=t.dtype)[:, None] * 10000.0 ** (
+            -torch.arange(0, d, 2, dtype=t.dtype) / d)
+        a, b = t[..., : d // 2], t[..., d // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
+
+    return F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+
+
+def silu(z):
+    return z / (1 + np.exp(-z))
+
+
+def gelu(z):
+    return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return (silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def repeat_kv(x, n_rep):
+    return np.repeat(x, n_rep, axis=-3)
+
+
+def repeat_kv_loop(x, n_rep):
+    heads = [x[..., h, :, :] for h in range(x.shape[-3]) for _ in range(n_rep)]
+    return np.stack(heads, axis=-3)
+
+
+def gqa(q, k, v, tiled=False, causal=True):
+    n_rep = q.shape[-3] // k.shape[-3]
+    rep = (lambda t: np.concatenate([t] * n_rep, axis=-3)) if tiled else (
+        lambda t: np.repeat(t, n_rep, axis=-3))
+    return attention(q, rep(k), rep(v), causal=causal)
+
+
+def gqa_grouped(q, k, v):
+    """Without copying: view the query heads as (n_kv_head, n_rep) and broadcast k, v."""
+    *lead, n_head, seq, d = q.shape
+    n_kv = k.shape[-3]
+    qg = q.reshape(*lead, n_kv, n_head // n_kv, seq, d)
+    out = attention(qg, k[..., :, None, :, :], v[..., :, None, :, :])
+    return out.reshape(*lead, n_head, seq, d)
+
+
+DECLARED = [
+    Declared(
+        check_rms_norm,
+        mistakes=[
+            (lambda x, g: rms_norm(x - x.mean(-1, keepdims=True), g), "subtracts the mean"),
+            (lambda x, g: x / (np.sqrt(np.mean(x**2, -1, keepdims=True)) + 1e-5) * g,
+             "outside the square root"),
+            (lambda x, g: x / np.sqrt(np.sum(x**2, -1, keepdims=True) + 1e-5) * g,
+             "sum of x**2"),
+            (lambda x, g: rms_norm(x, 1.0), "forgets to scale by gamma"),
+            (lambda x, g: rms_norm(x, g, eps=0.0), "leaves out eps"),
+        ],
+        alternatives=[rms_norm,
+                      lambda x, g: x / np.sqrt(np.einsum("...d,...d->...", x, x)[..., None]
+                                               / x.shape[-1] + 1e-5) * g,
+                      lambda x, g: F.rms_norm(x, x.shape[-1:], g, 1e-5)],
+    ),
+    Declared(
+        check_rope,
+        mistakes=[
+            (lambda x, s: rope(x, s, interleaved=True), "interleaved layout"),
+            (lambda x, s: rope(x, s, base=1000.0), "base 1000"),
+            (lambda x, s: rope(x, s, base=500000.0), "base 500000"),
+            (lambda x, s: rope(x, s, exponent=1), "exponent -i / d_head"),
+            (lambda x, s: rope(x, s, sign=-1.0), "rotates the wrong way"),
+            (lambda x, s: rope(x, 0), "ignores start"),
+            (lambda x, s: rope(x, s + 1), "start + 1"),
+        ],
+        alternatives=[rope, rope_complex, rope_rotate_half],
+    ),
+    Declared(
+        check_rotary_attention,
+        mistakes=[
+            (lambda q, k, v: rotary_attention(q, k, v, rot_v=True), "also rotates the values"),
+            (lambda q, k, v: rotary_attention(q, k, v, rot_k=False), "forgets to rotate the keys"),
+            (lambda q, k, v: rotary_attention(q, k, v, causal=False), "no causal mask"),
+            (lambda q, k, v: rotary_attention(q, k, v, interleaved=True), "(2i, 2i+1)"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=False), "sqrt(d_head)"),
+        ],
+        alternatives=[rotary_attention, rotary_attention_torch,
+                      lambda q, k, v: attention(rope_complex(q, 0), rope_rotate_half(k, 0), v)],
+    ),
+    Declared(
+        check_swiglu,
+        mistakes=[
+            (lambda x, g, u, d: (silu(x @ u) * (x @ g)) @ d, "gates the wrong branch"),
+            (lambda x, g, u, d: (gelu(x @ g) * (x @ u)) @ d, "uses GELU"),
+            (lambda x, g, u, d: ((1 / (1 + np.exp(-(x @ g)))) * (x @ u)) @ d, "sigmoid(z)"),
+            (lambda x, g, u, d: silu((x @ g) * (x @ u)) @ d, "after the product"),
+            (lambda x, g, u, d: (silu(x @ g) + x @ u) @ d, "adds the two branches"),
+        ],
+        alternatives=[swiglu,
+                      lambda x, g, u, d: np.einsum("...f,fd->...d",
+                                                   silu(np.einsum("...d,df->...f", x, g))
+                                                   * np.einsum("...d,df->...f", x, u), d),
+                      lambda x, g, u, d: (F.silu(x @ g) * (x @ u)) @ d],
+    ),
+    Declared(
+        check_repeat_kv,
+        mistakes=[
+            (lambda x, n: np.tile(x, (n, 1, 1)), "tiles the whole stack"),
+            (lambda x, n: np.repeat(x, n, axis=-2), "along the seq axis"),
+        ],
+        alternatives=[repeat_kv, repeat_kv_loop,
+                      lambda x, n: torch.repeat_interleave(x, int(n), dim=-3)],
+    ),
+    Declared(
+        check_grouped_query_attention,
+        mistakes=[
+            (lambda q, k, v: gqa(q, k, v, tiled=True), "h % n_kv_head"),
+            (lambda q, k, v: gqa(q, k, v, causal=False), "no causal mask"),
+        ],
+        alternatives=[gqa, gqa_grouped,
+                      lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                     enable_gqa=True)],
+    ),
+]
+
+globals().update(meta_tests(DECLARED))
