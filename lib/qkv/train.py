@@ -24,9 +24,7 @@ with exactly the losses the run would have had without the stop (bit for bit on 
 
 import argparse
 import math
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -35,8 +33,10 @@ from pathlib import Path
 import torch
 
 from qkv import distributed
+from qkv._train_loop import _progress_bar, _StopOnCtrlC
 from qkv.data import CharTokenizer, corpus_path, get_batch, load_text, sha256_of, split
 from qkv.distributed import micro_batches, sync_gradients, unwrap
+from qkv.flops import flops_per_token, throughput_report
 from qkv.precision import autocast_for, resolve_dtype
 from qkv.pt import GPT, GPTConfig, cross_entropy, generate
 
@@ -261,7 +261,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     progress: show a tqdm bar.  plot: write loss.png.  log: where messages go (print).
     returns: dict with train_loss (one float per step), lr (per step), evals (list of
         (step, train_loss, val_loss)), step, train_s (seconds in training steps, evaluations
-        excluded) and tokens_per_s, both for this call's steps,
+        excluded) and tokens_per_s (the global batch's), both for this call's steps,
+        flops_per_token and mfu (None off CUDA or on an unknown GPU; see qkv.flops),
         sample (text, or None), and out_dir.
     """
     out_dir = Path(cfg.out_dir or "out")
@@ -393,10 +394,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
 
     steps_run = step - start_step
     tokens_per_s = steps_run * tokens_per_step / train_time if train_time else 0.0
+    accounting, util = throughput_report(mcfg, tokens_per_s, device, info.world_size)
     result = dict(history, step=step, train_s=train_time, tokens_per_s=tokens_per_s,
-                  sample=None, out_dir=str(out_dir))
+                  sample=None, out_dir=str(out_dir), flops_per_token=flops_per_token(mcfg),
+                  mfu=util)
     if steps_run:
         log(f"{steps_run} steps in {train_time:.1f} s of training ({tokens_per_s:,.0f} tokens/s)")
+        log(accounting)
     if plot and history["train_loss"]:
         plot_losses(history, out_dir / "loss.png")
     if step < cfg.max_steps:
@@ -412,34 +416,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
         (out_dir / "sample.txt").write_text(result["sample"], encoding="utf-8")
         log("sample (temperature 0.8):\n" + result["sample"])
     return result
-
-
-class _StopOnCtrlC:
-    """First Ctrl-C: finish the step in flight, then stop (the loop saves a checkpoint, so
-    --resume continues exactly). A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # signals live there only
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (again to stop now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def _progress_bar(enabled: bool, initial: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled,
-                dynamic_ncols=True, mininterval=0.5)
 
 
 def plot_losses(history: dict, path: Path) -> None:
