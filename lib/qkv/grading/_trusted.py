@@ -45,6 +45,7 @@ tuple_ = tuple
 setattr_ = setattr
 delattr_ = delattr
 vars_ = vars
+print_ = print  # the line a passing visible test prints
 module_type = types.ModuleType
 
 # --- numpy ------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ ref_merge_heads = _qnp.merge_heads
 ref_embed = _qnp.embed
 ref_positional_encoding = _qnp.sinusoidal_positional_encoding
 ref_linear = _qnp.linear
-# chapters 7-9 (checks_model): the whole model and the forward/backward pairs
+# chapters 8 and 9: the whole model and the forward/backward pairs
 ref_gpt_forward = _qnp.gpt_forward
 ref_linear_forward, ref_linear_backward = _qnp.linear_forward, _qnp.linear_backward
 ref_softmax_forward, ref_softmax_backward = _qnp.softmax_forward, _qnp.softmax_backward

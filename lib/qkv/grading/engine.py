@@ -1,21 +1,21 @@
-"""The engine of the exercise checkers: run a learner's function, compare, name the mistake.
-
-Every checker has the same signature, ``check_xxx(fn, hidden=False, backend="auto")``, and the
-same steps, each written once below:
+"""The engine behind every checker: call the learner's function safely, validate, compare, name
+the mistake. ``exercise.run`` drives it; the output kinds (``kinds``) pick the steps they need.
 
 1. ``_call``      call the learner's function on a copy of one seeded input: an exception becomes
-                  an AssertionError that names it and the input shapes ("softmax is not implemented
-                  yet" for an untouched exercise); warnings and prints are swallowed so a correct
-                  answer stays silent; the inputs must come back unchanged.
+                  an AssertionError that gives its own message and the input shapes (plus the
+                  case's ``on_error`` hint, never its note about values); "not implemented yet"
+                  for an untouched exercise; warnings and prints are swallowed; the inputs must
+                  come back unchanged.
 2. ``_validate``  the output must be a plain ``np.ndarray`` or ``torch.Tensor`` (exact type: a
                   subclass, or an object whose ``__eq__`` always says yes, fails) of the expected
                   kind of dtype.
 3. ``_mismatch``  shape, finiteness and values against the reference, with the tolerances of
-                  ``qkv.tolerances`` (float64 results: "float64"; float32: the checker's entry).
-4. ``_diagnose``  on a mismatch, compute the known-wrong variants on the same input; when the
-                  learner's output matches one, say that mistake in plain words.
+                  ``qkv.tolerances`` (float64 results: "float64"; float32: the exercise's entry).
+4. ``_diagnose``  on a mismatch, compute the catalogued wrong variants on the same input; when
+                  the learner's output matches one, say that mistake in plain words. nan or inf
+                  in the output is named first; with no catalogued match, the exercise's
+                  ``explain`` may say which part differs (``parts``, through a ``Probe``).
 
-``hidden=True`` runs other seeds, sizes and edge cases (the hidden tests call it).
 ``backend``: "auto" calls the function with NumPy arrays and, if that raises while torch is
 imported, with torch tensors; "numpy" or "torch" forces one. Either may return an ndarray or a
 tensor; references and diagnoses always run in NumPy float64.
@@ -25,7 +25,6 @@ inside ``_trusted.pristine()``, so a learner who rebinds ``np.allclose`` (or ``n
 ``qkv.np.softmax``) after the setup cell cannot turn a wrong answer into a pass.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ import numpy as np
 from . import _trusted as _t
 
 # ==============================================================================================
-# The engine: one helper per step
+# The declarations' building blocks, and the array kind's body
 # ==============================================================================================
 
 
@@ -44,6 +43,7 @@ class Case:
     args: tuple
     names: tuple
     note: str = ""  # said after a generic failure message on this input
+    on_error: str = ""  # said after an exception raised on this input (a shape hint, say)
 
 
 @dataclass(frozen=True)
@@ -56,33 +56,33 @@ class Mistake:
 
 @dataclass(frozen=True)
 class Spec:
-    """What one checker checks."""
+    """What the steps below need to know of an exercise (built by its output kind)."""
 
     name: str  # the exercise's function name, used in every message
     reference: object  # trusted qkv.np function (or a tiny formula) with the learner's arguments
     mistakes: object  # callable(*args) -> iterable of Mistake
     out: str = "float"  # "float" | "bool" | "scalar" | "int_pair"
     tol32: str = "float32_op"  # TOL entry when the result or an input is float32
+    hint: str = ""  # said after a wrong value (the value kind)
 
 
-class _Learner:
-    """The learner's function and the backend chosen for it (decided on the first call)."""
+class Learner:
+    """The learner's function and the backend chosen for it ("auto" is decided on the first
+    call: NumPy, or torch when the NumPy call raises)."""
 
-    def __init__(self, fn, backend: str):
+    def __init__(self, fn, backend: str, name: str = ""):
         self.fn = fn
         self.backend = backend
+        self.name = name
 
 
-def _run(spec: Spec, fn, cases, backend: str = "auto") -> None:
-    """The body of every checker."""
-    if not _t.callable_(fn):
-        raise AssertionError(f"{spec.name} should be a function, but it is a "
-                             f"{_t.type_(fn).__name__}. Define it with `def {spec.name}(...):`.")
-    if backend not in ("auto", "numpy", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch'; got {backend!r}")
-    if backend == "torch":
-        _t.load_torch()
-    learner = _Learner(fn, backend)
+def run_array(spec: Spec, learner: Learner, cases, explain=None) -> None:
+    """The array kind's body (``kinds.Array``): every case against the reference, the first
+    difference named.
+
+    ``explain(probe, got, args, case)``, when given, diagnoses by parts a mismatch that no
+    catalogued mistake matches (``probe`` calls the learner again; see ``Probe``).
+    """
     with _t.pristine():
         for case in cases:
             args = _float64(case.args)
@@ -93,15 +93,85 @@ def _run(spec: Spec, fn, cases, backend: str = "auto") -> None:
             got = _validate(spec, out, case, expected)
             tol = _tolerance(spec, got, case)
             problem = _mismatch(spec, got, expected, case, tol)
-            if problem is not None:
-                said = _diagnose(spec, got, expected, args, case, tol)
-                raise AssertionError(said if said is not None else _with_note(problem, case))
+            if problem is None:
+                continue
+            said = _diagnose(spec, got, expected, args, case, tol)
+            nonfinite = _nonfinite(spec, got, expected, case)
+            if nonfinite is not None:  # nan or inf is said first, whatever else is said
+                raise AssertionError(nonfinite + (" " + said if said is not None else ""))
+            if said is None and explain is not None:
+                part = _explain(explain, learner, got, args, case)
+                if part is not None:
+                    raise AssertionError(f"{problem} {part}")
+            raise AssertionError(said if said is not None else _with_note(problem, case))
+
+
+def _nonfinite(spec: Spec, got: tuple, expected: tuple, case: Case):
+    """'xxx returned nan at index ...' when an output has nan or inf where a finite number is
+    expected (None otherwise, or when the shapes differ)."""
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != e.shape or _t.kind_of(g) != "f" or _t.kind_of(e) != "f":
+            continue
+        bad = _t.logical_and(_t.logical_not(_t.isfinite(g)), _t.isfinite(e))
+        if bad.any():
+            idx = _index(bad)
+            count = int(bad.sum())
+            return (f"{spec.name} returned {float(g[idx])} at {_at(idx)} for {_describe(case)}"
+                    + (f" ({count} entries are nan or inf)" if count > 1 else "")
+                    + f", where the expected value is {float(e[idx]):.6g}.")
+    return None
+
+
+class Probe:
+    """What a diagnosis by parts may do with the learner's function: call it again on other
+    inputs (``call``), or call it with one of the helper functions it uses swapped for the
+    reference (``swapped``)."""
+
+    def __init__(self, learner: Learner, case: Case):
+        self.fn = learner.fn
+        self.backend = learner.backend if learner.backend != "auto" else "numpy"
+        self.case = case
+
+    def call(self, *args):
+        """The learner's output on ``args`` as a float ndarray, or None if it raised."""
+        out, exc, _ = _attempt(self.fn, Case(args, self.case.names), self.backend)
+        if exc is not None:
+            return None
+        try:
+            return _as_array(Spec("", None, None), out, "", "float", self.case)
+        except AssertionError:
+            return None
+
+    def swapped(self, name: str, reference, *args):
+        """The learner's output on ``args`` with the global ``name`` its code calls replaced by
+        ``reference`` (None if its code does not use that name, or raised)."""
+        code = getattr(self.fn, "__code__", None)
+        space = getattr(self.fn, "__globals__", None)
+        if code is None or _t.type_(space) is not dict or name not in code.co_names \
+                or name not in space:
+            return None
+        saved = space[name]
+        space[name] = reference
+        try:
+            return self.call(*args)
+        finally:
+            space[name] = saved
+
+
+def _explain(explain, learner: Learner, got: tuple, args: tuple, case: Case):
+    """Run an exercise's diagnosis by parts; anything it raises says nothing."""
+    try:
+        with _t.catch_warnings(), _t.errstate(all="ignore"):
+            _t.simplefilter("ignore")
+            return explain(Probe(learner, case), got[0], args, case)
+    except Exception:
+        return None
 
 
 # --- step 1: call the learner safely ------------------------------------------------------------
 
 
-def _call(spec: Spec, learner: _Learner, case: Case):
+def _call(spec: Spec, learner: Learner, case: Case):
     """The learner's output on ``case``; AssertionError if it raised or changed its inputs."""
     if learner.backend == "auto":
         out, exc, copies = _attempt(learner.fn, case, "numpy")
@@ -172,7 +242,10 @@ def _raised(name: str, exc: BaseException, case: Case, fn) -> str:
     if _t.isinstance_(exc, SystemExit):
         return f"{name} tried to exit Python (SystemExit) when called with {_describe(case)}."
     message = f"{name} raised {kind}" + (f": {text}" if text else "")
-    return _with_note(f"{message} — when called with {_describe(case)}.", case)
+    # The case's note is left out: it describes what a wrong *value* may mean on this input,
+    # and next to an exception it points the wrong way; ``on_error`` is written for exceptions.
+    return f"{message} — when called with {_describe(case)}." + (
+        f" {case.on_error}" if case.on_error else "")
 
 
 def _raising_function(exc: BaseException):
@@ -378,6 +451,8 @@ def _describe(case: Case) -> str:
             parts.append(f"{name} (a dict of weights)")
         else:
             parts.append(f"{name} = {value!r}")
+    if not parts:
+        return "no arguments"
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -411,309 +486,3 @@ def _with_note(message: str, case: Case) -> str:
 
 def _normal(rng, *shape, scale=1.0, dtype=np.float64):
     return (rng.normal(size=shape) * scale).astype(dtype)
-
-
-# ==============================================================================================
-# NumPy building blocks for the wrong variants (they only ever shape a message)
-# ==============================================================================================
-
-
-def _plain_softmax(x, axis=-1, stable=True):
-    """Softmax without the all -inf row guard (so such rows give nan, as most learners' do)."""
-    if stable:
-        x = x - np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-def _scores(q, k, divide_by):
-    return q @ np.swapaxes(k, -1, -2) / divide_by
-
-
-def _attention_variant(q, k, v, mask=None, *, divide_by=None, masking="-inf", guard=True,
-                       stable=True, axis=-1, transpose_scores=False):
-    """Scaled dot-product attention with one knob turned to a known mistake."""
-    scale = math.sqrt(q.shape[-1]) if divide_by is None else divide_by
-    scores = _scores(q, k, scale)
-    if transpose_scores:
-        scores = _scores(k, q, scale)  # (..., seq_k, seq_q): rows are keys
-    if mask is not None and masking in ("-inf", "zero", "-1e9", "inverted", "transposed"):
-        keep = {"inverted": ~mask, "transposed": np.swapaxes(mask, -1, -2)}.get(masking, mask)
-        fill = {"zero": 0.0, "-1e9": -1e9}.get(masking, -np.inf)
-        scores = np.where(keep, scores, fill)
-    if guard and stable and axis == -1:
-        weights = _t.ref_softmax(scores)
-    else:
-        weights = _plain_softmax(scores, axis=axis, stable=stable)
-    if mask is not None and masking == "after":
-        weights = np.where(mask, weights, 0.0)
-    if mask is not None and masking == "after -inf":
-        weights = np.where(mask, weights, -np.inf)
-    return weights @ v
-
-
-def _layer_norm_variant(x, gamma, beta, *, ddof=0, eps=1e-5, eps_outside=False, center=True,
-                        raw_second_moment=False, axis=-1, use_gamma=True, use_beta=True,
-                        swap=False):
-    mean = np.mean(x, axis=axis, keepdims=True)
-    if raw_second_moment:
-        var = np.mean(x**2, axis=axis, keepdims=True)
-    else:
-        var = np.var(x, axis=axis, keepdims=True, ddof=ddof)
-    centered = x - mean if center else x
-    x_hat = centered / (np.sqrt(var) + eps) if eps_outside else centered / np.sqrt(var + eps)
-    if swap:
-        gamma, beta = beta, gamma
-    return x_hat * (gamma if use_gamma else 1.0) + (beta if use_beta else 0.0)
-
-
-def _mha_variant(x, w_qkv, b_qkv, w_out, b_out, n_head, *, scale="d_head", causal="causal",
-                 order=(0, 1, 2), split_ok=True, merge_ok=True, out_proj=True, qkv_bias=True,
-                 out_bias=True):
-    *lead, seq, d_model = x.shape
-    d_head = d_model // n_head
-    qkv = x @ w_qkv + (b_qkv if qkv_bias else 0.0)  # (..., seq, 3*d_model)
-    chunks = np.split(qkv, 3, axis=-1)
-    q, k, v = (chunks[i] for i in order)
-
-    def split(t):  # (..., seq, d_model) -> (..., n_head, seq, d_head)
-        if split_ok:
-            return np.swapaxes(t.reshape(*lead, seq, n_head, d_head), -3, -2)
-        return t.reshape(*lead, n_head, seq, d_head)  # wrong: no transpose
-
-    q, k, v = split(q), split(k), split(v)
-    divide_by = {"d_head": math.sqrt(d_head), "d_model": math.sqrt(d_model), "none": 1.0}[scale]
-    scores = _scores(q, k, divide_by)  # (..., n_head, seq, seq)
-    if causal != "none":
-        mask = _t.ref_causal_mask(seq)
-        scores = np.where(mask if causal == "causal" else mask.T, scores, -np.inf)
-    out = _t.ref_softmax(scores) @ v  # (..., n_head, seq, d_head)
-    if merge_ok:
-        out = np.swapaxes(out, -3, -2).reshape(*lead, seq, d_model)
-    else:
-        out = out.reshape(*lead, seq, d_model)  # wrong: no transpose
-    if out_proj:
-        out = out @ w_out + (b_out if out_bias else 0.0)
-    return out
-
-
-def _block_variant(x, p, n_head, *, attn_residual=True, mlp_residual=True, norm="pre",
-                   causal=True, swap_norms=False, mlp_first=False):
-    ln1 = (p["ln1_gamma"], p["ln1_beta"])
-    ln2 = (p["ln2_gamma"], p["ln2_beta"])
-    if swap_norms:
-        ln1, ln2 = ln2, ln1
-
-    def attn(h):
-        return _t.ref_multi_head_attention(h, p["w_qkv"], p["b_qkv"], p["w_out"], p["b_out"],
-                                           n_head, causal=causal)
-
-    def mlp(h):
-        return _t.ref_mlp(h, p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"])
-
-    def sublayer(x, f, ln, residual):
-        if norm == "pre":
-            y = f(_t.ref_layer_norm(x, *ln))
-            return x + y if residual else y
-        if norm == "post":
-            return _t.ref_layer_norm(x + f(x), *ln)
-        if norm == "stream":  # normalizes the residual stream itself
-            x = _t.ref_layer_norm(x, *ln)
-            return x + f(x)
-        return x + f(x)  # "none"
-
-    steps = [(attn, ln1, attn_residual), (mlp, ln2, mlp_residual)]
-    if mlp_first:
-        steps.reverse()
-    for f, ln, residual in steps:
-        x = sublayer(x, f, ln, residual)
-    return x
-
-
-
-# ==============================================================================================
-# Value answers
-# ==============================================================================================
-#
-# Most checkers use ``_run`` as it is. A few exercises return a Python value rather
-# than an array (text, a list of token ids, True/False, a count): ``_run_value`` takes those
-# through the same steps (``_call``; a check of what kind of value came back; the comparison
-# with the reference; the known mistakes), on exact builtin values instead of arrays.
-
-
-def _run_value(spec: Spec, fn, cases, whole_run: bool = False) -> None:
-    """The body of a checker whose exercise returns a value: ``spec.out`` is a ``_VALUE_KINDS`` key.
-
-    The learner's output is read into an exact builtin (str, tuple of int, bool, int) before it is
-    compared, so no learner code (a lying ``__eq__``) runs in the comparison. ``whole_run``: take
-    the learner's answers on every case first and name a mistake only if it gives those answers
-    on every case (one True/False on one input says little about what was done).
-    """
-    if not _t.callable_(fn):
-        raise AssertionError(f"{spec.name} should be a function, but it is a "
-                             f"{_t.type_(fn).__name__}. Define it with `def {spec.name}(...):`.")
-    read, norm = _VALUE_KINDS[spec.out]
-    learner = _Learner(fn, "numpy")
-    with _t.pristine():
-        with _t.catch_warnings(), _t.errstate(all="ignore"):
-            _t.simplefilter("ignore")
-            expected = [norm(spec.reference(*case.args)) for case in cases]
-        got = []
-        for case, want in zip(cases, expected, strict=True):
-            lists = [(n, list(a)) for n, a in zip(case.names, case.args, strict=True)
-                     if _t.type_(a) is list]
-            out = _call(spec, learner, case)
-            for label, before in lists:
-                if case.args[case.names.index(label)] != before:
-                    raise AssertionError(
-                        f"{spec.name} changed its input {label} (a list) when called with "
-                        f"{_describe(_Case_before(case, label, before))}. Leave the inputs alone "
-                        f"and build a new list instead.")
-            got.append(read(spec, out, case))
-            if not whole_run and got[-1] != want:
-                break
-        for i, (case, want, value) in enumerate(zip(cases, expected, got, strict=False)):
-            if value != want:
-                said = _diagnose_value(spec, cases, expected, got, i, norm, whole_run)
-                raise AssertionError(said if said is not None else _with_note(
-                    _value_mismatch(spec, value, want, case), case))
-
-
-def _Case_before(case: Case, label: str, before: list) -> Case:
-    """``case`` with one list argument as it was before the learner's function changed it."""
-    args = tuple(before if n == label else a for n, a in zip(case.names, case.args, strict=True))
-    return Case(args, case.names, case.note)
-
-
-def _diagnose_value(spec: Spec, cases, expected, got, i: int, norm, whole_run: bool):
-    """The first mistake that gives the learner's answer on case ``i`` (on every case if
-    ``whole_run``) where the right answer differs."""
-    def wrong_value(mistake, args):
-        with _t.catch_warnings(), _t.errstate(all="ignore"):
-            _t.simplefilter("ignore")
-            return norm(mistake.fn(*args))
-
-    case = cases[i]
-    for mistake in spec.mistakes(*case.args):
-        try:
-            wrong = wrong_value(mistake, case.args)
-        except Exception:  # a variant that cannot run on this input says nothing
-            continue
-        if wrong == expected[i] or wrong != got[i]:
-            continue
-        if whole_run:
-            try:
-                if any(wrong_value(mistake, c.args) != g for c, g in zip(cases, got, strict=True)):
-                    continue
-            except Exception:
-                continue
-        return mistake.says.replace("{name}", spec.name).replace("{case}", _describe(case))
-    return None
-
-
-def _value_mismatch(spec: Spec, got, want, case: Case) -> str:
-    """What is wrong with a value answer, in words (the case's note is added by the caller)."""
-    where = _describe(case)
-    if spec.out == "ids":
-        g, w = list(got), list(want)
-        text = f"{spec.name} returned {g} for {where}; expected {w}."
-        if len(g) != len(w):
-            return text + f" That is {len(g)} ids instead of {len(w)}."
-        first = next(k for k in range(len(w)) if g[k] != w[k])
-        return text + f" The first difference is at position {first}."
-    if spec.out == "count":
-        return (f"{spec.name} returned {got:,} for {where}, which is not the number of "
-                f"parameters. Count every weight matrix and bias vector of the layer.")
-    return f"{spec.name} returned {got!r} for {where}; expected {want!r}."
-
-
-# --- reading a value answer (each raises the AssertionError that says what was expected) --------
-
-
-def _read_text(spec: Spec, out, case: Case) -> str:
-    if _t.type_(out) is str:
-        return out
-    if (_t.type_(out) is list or _t.type_(out) is tuple) and all(_t.type_(s) is str for s in out):
-        raise AssertionError(
-            f"{spec.name} returned a {_t.type_(out).__name__} of strings for {_describe(case)}; "
-            f"return one string: join the pieces with ''.join(...).")
-    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; "
-                         f"it should return a string (str).")
-
-
-def _is_integer(v) -> bool:
-    return _t.type_(v) is int or _t.isinstance_(v, np.integer)
-
-
-def _read_ids(spec: Spec, out, case: Case) -> tuple:
-    torch = _t.torch_refs()
-    if _t.type_(out) is _t.ndarray or (torch is not None and _t.type_(out) is torch.Tensor):
-        arr = out if _t.type_(out) is _t.ndarray else torch.numpy(torch.cpu(torch.detach(out)))
-        if _t.kind_of(arr) in "iu" and arr.ndim == 1:
-            return _t.tuple_(int(v) for v in arr.tolist())
-        raise AssertionError(
-            f"{spec.name} returned an array of dtype {arr.dtype} and shape {_shape(arr)} for "
-            f"{_describe(case)}; it should return the token ids, one integer per token, e.g. "
-            f"a list like [4, 3, 5].")
-    if _t.type_(out) is list or _t.type_(out) is tuple:
-        for v in out:
-            if not _is_integer(v):
-                shown = repr(v) if _t.type_(v) is str else _kind_of_object(v)
-                raise AssertionError(
-                    f"{spec.name} returned a {_t.type_(out).__name__} containing {shown} for "
-                    f"{_describe(case)}; every entry must be a token id, an integer "
-                    f"(the position of the character in itos).")
-        return _t.tuple_(int(v) for v in out)
-    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
-                         f"should return a list of token ids (integers).")
-
-
-def _read_flag(spec: Spec, out, case: Case) -> bool:
-    if _t.type_(out) is bool or _t.type_(out) is np.bool_:
-        return bool(out)
-    torch = _t.torch_refs()
-    if _t.type_(out) is _t.ndarray or (torch is not None and _t.type_(out) is torch.Tensor):
-        if out.shape == () and out.dtype in (np.bool_, getattr(torch, "bool", None)):
-            return bool(out.item())
-        raise AssertionError(
-            f"{spec.name} returned an array of shape {_shape(out)} for {_describe(case)}; return "
-            f"a single True or False for the whole comparison: np.allclose(a, b) (a == b compares "
-            f"entry by entry).")
-    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
-                         f"should return True or False.")
-
-
-def _read_count(spec: Spec, out, case: Case) -> int:
-    if _is_integer(out):
-        return int(out)
-    if _t.type_(out) in (float, _t.float64, _t.float32):
-        if math.isfinite(out) and float(out).is_integer():
-            return int(out)
-        raise AssertionError(f"{spec.name} returned {float(out)!r} for {_describe(case)}, which is "
-                             f"not a whole number; a count of parameters is an integer (use // "
-                             f"rather than / to divide).")
-    raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
-                         f"should return a whole number (an int).")
-
-
-_VALUE_KINDS = {
-    # spec.out: (read the learner's output, normalize a trusted reference or variant output)
-    "text": (_read_text, str),
-    "ids": (_read_ids, lambda v: _t.tuple_(int(i) for i in v)),
-    "flag": (_read_flag, bool),
-    "count": (_read_count, int),
-}
-
-
-class _Shown:
-    """A function handed to the learner's code that reads as a description in messages."""
-
-    def __init__(self, text: str, fn):
-        self.text = text
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-    def __repr__(self):
-        return self.text
