@@ -36,7 +36,9 @@ def test_every_checker_is_declared_and_tested():
 def test_one_module_per_chapter_each_small():
     root = Path(grading.__file__).parent
     chapters = sorted(p for p in (root / "exercises").glob("ch[0-9][0-9]_*.py"))
-    assert [p.name[:4] for p in chapters] == [f"ch{n:02d}" for n in range(1, 12)]
+    names = [p.name[:4] for p in chapters]
+    # one module per chapter; chapters 12-17 add theirs on their own branches
+    assert len(set(names)) == len(names) and {f"ch{n:02d}" for n in range(1, 12)} <= set(names)
     for path in root.rglob("*.py"):
         assert len(path.read_text().splitlines()) <= 600, path
 
