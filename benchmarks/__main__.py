@@ -23,6 +23,7 @@ BENCHMARKS = {  # name -> module; each module's run(args) returns a list of sect
     "attention-cpu": "attention_cpu",
     "attention-gpu": "attention_gpu",
     "training": "training",
+    "ddp": "ddp",
     "grading": "grading",
     "book": "book",
     "flash-cpu": "flash",  # chapter 15: qkv.np tiled / naive attention, time and memory

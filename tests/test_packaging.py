@@ -88,7 +88,7 @@ def _part(path: Path) -> str:
     rel = path.relative_to(LIB).as_posix()
     if rel.startswith("grading/"):
         return "grading"
-    if rel in ("train.py", "generate.py", "data.py"):
+    if rel in ("train.py", "generate.py", "data.py", "_train_loop.py"):
         return "train"
     if rel == "pt/flash.py":
         return "flash"

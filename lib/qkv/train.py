@@ -11,7 +11,12 @@ The loop, nanoGPT-style, in one file:
 AdamW decays matrices only (embeddings and linear weights, ndim >= 2): shrinking biases and
 layer-norm gains toward zero buys no regularisation, it only fights the normalisation.
 The learning rate warms up linearly (Adam's moment estimates are noisy at first), then
-follows a cosine down to min_lr. CPU runs in float32; CUDA runs under bf16 autocast.
+follows a cosine down to min_lr. CPU runs in float32; CUDA runs under bf16 autocast
+(``--dtype`` chooses).
+
+Under ``torchrun --nproc_per_node=N -m qkv.train`` each process trains on its slice of the
+global batch (batch_size x N x grad_accum windows) and DDP or FSDP averages the gradients;
+rank 0 alone evaluates, prints, plots and writes checkpoints (see qkv.distributed).
 
 Checkpoints hold the model, the optimizer, the step, the history and the state of every
 random generator (torch's, for dropout, and the batch sampler's), so ``--resume`` continues
@@ -20,9 +25,7 @@ with exactly the losses the run would have had without the stop (bit for bit on 
 
 import argparse
 import math
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -30,7 +33,12 @@ from pathlib import Path
 
 import torch
 
+from qkv import distributed
+from qkv._train_loop import _progress_bar, _StopOnCtrlC
 from qkv.data import CharTokenizer, corpus_path, get_batch, load_text, sha256_of, split
+from qkv.distributed import micro_batches, sync_gradients, unwrap
+from qkv.flops import flops_per_token, throughput_report
+from qkv.precision import autocast_for, resolve_dtype
 from qkv.pt import GPT, GPTConfig, cross_entropy, generate
 
 
@@ -69,7 +77,7 @@ class TrainConfig:
     n_kv_head: int = _f("key/value heads for grouped-query attention (0: n_head)", 0)
     qk_norm: bool = _f("RMS-normalise each head's q and k before the dot product", False)
     # optimisation
-    batch_size: int = _f("windows per step", 12)
+    batch_size: int = _f("windows per micro-batch on each process", 12)
     max_steps: int = _f("optimizer steps; the cosine schedule ends here", 2000)
     lr: float = _f("peak learning rate, reached at the end of warm-up", 4e-3)
     min_lr: float = _f("learning rate at the end of the cosine decay", 1e-4)
@@ -78,6 +86,12 @@ class TrainConfig:
     beta1: float = _f("AdamW beta1 (momentum of the gradient mean)", 0.9)
     beta2: float = _f("AdamW beta2 (momentum of the squared gradient)", 0.99)
     grad_clip: float = _f("clip the global gradient norm to this (0: no clipping)", 1.0)
+    grad_accum: int = _f("micro-batches per optimizer step on each process (global batch = "
+                         "batch_size x processes x grad_accum)", 1)
+    dtype: str = _f("auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (autocast; "
+                    "weights, gradients and the loss stay float32)", "auto")
+    parallel: str = _f("under torchrun: ddp (a full copy per process) or fsdp (weights, "
+                       "gradients and AdamW state sharded over the processes)", "ddp")
     # evaluation and the rest
     eval_interval: int = _f("evaluate and save a checkpoint every this many steps", 100)
     eval_iters: int = _f("batches per split for each evaluation (fixed batches, so evaluations "
@@ -133,27 +147,36 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 
 
 def train_step(model, optimizer, x, y, lr: float, grad_clip: float, autocast=nullcontext):
-    """One optimizer step on the batch (x, y), both (batch, seq) ids.
+    """One optimizer step on the batch (x, y), both (batch, seq) ids, or on lists of K
+    micro-batches (gradient accumulation: each micro-batch's mean loss is divided by K, so
+    the summed gradients are the gradient of the mean over all K * batch windows).
 
-    returns: (loss, grad_norm) as tensors; grad_norm is the global norm BEFORE clipping
-    (nan if grad_clip is 0, since it is then not computed). The gradients stay in the
-    parameters' .grad until the next step (tests inspect them).
+    returns: (loss, grad_norm) as tensors (loss: the mean over all micro-batches); grad_norm
+    is the global norm BEFORE clipping (nan if grad_clip is 0, since it is then not
+    computed). The gradients stay in the parameters' .grad until the next step (tests
+    inspect them).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast():
-        logits = model(x)  # (batch, seq, vocab); bf16 under CUDA autocast
-    # the loss itself in float32, through the model's own kernels
-    loss = cross_entropy(logits.float(), y, fused=model.config.fused)
+    xs, ys = (x, y) if isinstance(x, (list, tuple)) else ([x], [y])
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = 0.0
+    for k, (xk, yk) in enumerate(zip(xs, ys, strict=True)):
+        # under DDP/FSDP, all-reduce the gradients once, after the last micro-batch
+        with sync_gradients(model, last=k == len(xs) - 1):
+            with autocast():
+                logits = model(xk)  # (batch, seq, vocab); bf16 under bf16 autocast
+            # the loss itself in float32, through the model's own kernels
+            part = cross_entropy(logits.float(), yk, fused=unwrap(model).config.fused) / len(xs)
+            part.backward()
+        loss = loss + part.detach()
     norm = torch.tensor(float("nan"))
     if grad_clip > 0:
         # Rescale all gradients together so their global norm is at most grad_clip: one bad
         # batch cannot throw the weights far.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach(), norm
+    return loss, norm
 
 
 @torch.no_grad()
@@ -278,7 +301,7 @@ def load_checkpoint(path, device="cpu"):
 
 # Fields a resumed run may change; anything else would make it a different run.
 RESUMABLE = {"data", "out_dir", "max_steps", "eval_interval", "eval_iters", "sample_tokens",
-             "device"}
+             "device", "grad_accum", "parallel"}  # grad_accum: checked by _check_global_batch
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
@@ -292,7 +315,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     progress: show a tqdm bar.  plot: write loss.png.  log: where messages go (print).
     returns: dict with train_loss (one float per step), lr (per step), evals (list of
         (step, train_loss, val_loss)), step, train_s (seconds in training steps, evaluations
-        excluded) and tokens_per_s, both for this call's steps,
+        excluded) and tokens_per_s (the global batch's), both for this call's steps,
+        flops_per_token and mfu (None off CUDA or on an unknown GPU; see qkv.flops),
         sample (text, or None), and out_dir.
     """
     out_dir = Path(cfg.out_dir or "out")
@@ -308,7 +332,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
         if changed:
             raise ConfigError("--resume: the run's settings differ from the checkpoint's: "
                               + ", ".join(changed))
-    device = resolve_device(cfg.device)
+    if cfg.grad_accum < 1 or cfg.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"grad_accum must be >= 1 and parallel ddp or fsdp; got "
+                          f"{cfg.grad_accum} and {cfg.parallel!r}")
+    try:
+        dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    info, device = distributed.setup(resolve_device(cfg.device))
+    if ckpt is not None:
+        try:
+            distributed.check_global_batch(ckpt, cfg.batch_size, info.world_size,
+                                           cfg.grad_accum)
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from None
+    if not info.is_main:
+        log, progress, plot = (lambda *a, **k: None), False, False
     tok, train_ids, val_ids, path = load_corpus(cfg)
     digest = sha256_of(path)
     if ckpt is not None and ckpt["corpus_sha256"] != digest:
@@ -316,48 +355,66 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
                           f"(sha256 {digest[:12]}..., expected {ckpt['corpus_sha256'][:12]}...)")
     if device.type == "cuda":
         train_ids, val_ids = train_ids.to(device), val_ids.to(device)  # batches cut on the GPU
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else nullcontext)
+    autocast = autocast_for(device, dtype)
 
     mcfg = model_config(cfg, tok.vocab_size)
     model = GPT(mcfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    optimizer = make_optimizer(model, cfg)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)  # batch offsets, on the CPU
-    torch.manual_seed(cfg.seed)  # dropout draws from torch's global generator
+    model = distributed.wrap(model, info, cfg.parallel)  # unchanged in one process
+    optimizer = make_optimizer(unwrap(model), cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # batch offsets, on the CPU; all ranks
+    torch.manual_seed(cfg.seed + info.rank)  # dropout draws from torch's global generator
     history = {"train_loss": [], "lr": [], "evals": []}
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        distributed.load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"],
+                                           cfg.parallel)
         step, history = ckpt["step"], ckpt["history"]
         batch_gen.set_state(ckpt["rng"]["batches"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch_states = ckpt["rng"]["torch"]
+        torch_states = torch_states if isinstance(torch_states, list) else [torch_states]
+        if info.rank < len(torch_states):
+            torch.set_rng_state(torch_states[info.rank])  # dropout continues exactly
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         log(f"resumed from {ckpt_path} at step {step}")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
+    global_batch = cfg.batch_size * info.world_size * cfg.grad_accum
     log(f"{n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
         f"{len(train_ids):,}/{len(val_ids):,} train/val tokens, device {device}")
+    if info.enabled or cfg.grad_accum > 1:
+        log(f"{info.world_size} process(es) x {cfg.grad_accum} micro-batch(es) x "
+            f"{cfg.batch_size} windows = global batch {global_batch}"
+            + (f" ({cfg.parallel})" if info.enabled else ""))
 
     def checkpoint():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # every rank takes part (FSDP gathers its shards; the dropout generators are gathered)
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        save_checkpoint(ckpt_path, config=dict(asdict(cfg), data=str(path)),
-                        model_config=asdict(mcfg), model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), step=step, history=history,
-                        tokenizer=tok.state_dict(), corpus_sha256=digest,
-                        rng={"torch": torch.get_rng_state(), "cuda": cuda_rng,
-                             "batches": batch_gen.get_state()})
+        torch_rngs = distributed.gather_objects(torch.get_rng_state(), info)
+        model_state, optim_state = distributed.full_state_dicts(model, optimizer, cfg.parallel)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt_path, config=dict(asdict(cfg), data=str(path)),
+                            model_config=asdict(mcfg), model=model_state,
+                            optimizer=optim_state, step=step, history=history,
+                            tokenizer=tok.state_dict(), corpus_sha256=digest,
+                            world_size=info.world_size,
+                            rng={"torch": torch_rngs, "cuda": cuda_rng,
+                                 "batches": batch_gen.get_state()})
+        distributed.barrier(info)  # the file is complete before any rank reads it
 
     def evaluate():
-        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg, device,
+        # rank 0 alone under DDP; every rank under FSDP, whose forward gathers the shards
+        if not info.is_main and cfg.parallel != "fsdp":
+            return ""
+        net = unwrap(model) if cfg.parallel == "ddp" else model
+        losses = estimate_loss(net, {"train": train_ids, "val": val_ids}, cfg, device,
                                autocast)
         history["evals"].append((step, losses["train"], losses["val"]))
         return (f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                 f"({loss_units(losses['val'])})")
 
     last = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
-    tokens_per_step = cfg.batch_size * cfg.context_length
+    tokens_per_step = global_batch * cfg.context_length
     bar = _progress_bar(progress, step, last)
     say = bar.write if progress else log  # messages above the bar, not through it
     train_time, start_step = 0.0, step
@@ -368,10 +425,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
         while step < last and not ctrl_c.requested:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            x, y = get_batch(train_ids, cfg.batch_size, cfg.context_length, batch_gen,
-                             device=device)
-            loss, _ = train_step(model, optimizer, x, y, lr, cfg.grad_clip, autocast)
-            loss = loss.item()  # waits for the GPU: the timing below is honest
+            batches = micro_batches(train_ids, cfg.batch_size, cfg.context_length, batch_gen,
+                                    info, cfg.grad_accum, device=device)
+            xs, ys = zip(*batches, strict=True)
+            loss, _ = train_step(model, optimizer, list(xs), list(ys), lr, cfg.grad_clip,
+                                 autocast)
+            # the mean over ranks, i.e. over the global batch; .item() waits for the GPU
+            loss = distributed.mean_over_ranks(loss, info).item()
             train_time += time.perf_counter() - t0
             step += 1
             history["train_loss"].append(loss)
@@ -389,52 +449,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
 
     steps_run = step - start_step
     tokens_per_s = steps_run * tokens_per_step / train_time if train_time else 0.0
+    accounting, util = throughput_report(mcfg, tokens_per_s, device, info.world_size)
     result = dict(history, step=step, train_s=train_time, tokens_per_s=tokens_per_s,
-                  sample=None, out_dir=str(out_dir))
+                  sample=None, out_dir=str(out_dir), flops_per_token=flops_per_token(mcfg),
+                  mfu=util)
     if steps_run:
         log(f"{steps_run} steps in {train_time:.1f} s of training ({tokens_per_s:,.0f} tokens/s)")
+        log(accounting)
     if plot and history["train_loss"]:
         plot_losses(history, out_dir / "loss.png")
     if step < cfg.max_steps:
         log(f"stopped at step {step} of {cfg.max_steps}; checkpoint in {ckpt_path}, "
             f"continue with --resume")
         return result
-    if cfg.sample_tokens > 0:
+    sampler = (distributed.plain_copy(model, cfg.parallel, lambda: GPT(mcfg).to(device))
+               if cfg.sample_tokens > 0 else None)
+    if sampler is not None and info.is_main:
         start = (tok.encode("\n") if "\n" in getattr(tok, "stoi", "\n")  # bpe: any text
                  else train_ids[:1].tolist())
-        ids = generate(model, start, cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
+        ids = generate(sampler, start, cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
         result["sample"] = tok.decode(ids.tolist())
         (out_dir / "sample.txt").write_text(result["sample"], encoding="utf-8")
         log("sample (temperature 0.8):\n" + result["sample"])
     return result
-
-
-class _StopOnCtrlC:
-    """First Ctrl-C: finish the step in flight, then stop (the loop saves a checkpoint, so
-    --resume continues exactly). A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # signals live there only
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (again to stop now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def _progress_bar(enabled: bool, initial: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled,
-                dynamic_ncols=True, mininterval=0.5)
 
 
 def plot_losses(history: dict, path: Path) -> None:
@@ -529,6 +566,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"python -m qkv.train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown(distributed.from_env())
     return 0
 
 

@@ -1,0 +1,133 @@
+"""Accounting for a GPT: parameters, FLOPs per token, model FLOPs utilisation, training memory.
+
+FLOPs (one multiply-add = 2 FLOPs). A token's forward pass multiplies its d_model-vector by
+every weight matrix once: 2 FLOPs per matrix weight, so 2 * N_matmul, where N_matmul counts the
+weights of the linear layers (12 * n_layer * d_model^2) and the tied unembedding
+(vocab * d_model); embeddings are looked up, not multiplied, and biases, norms and GELU are
+a rounding error. Attention adds, per layer, the scores Q K^T and the weighted sum A V: each a
+dot product of length d_model with each of the seq positions, 2 * 2 * seq * d_model FLOPs
+(counted over all seq positions, as the kernels compute them and as PaLM's MFU counts them;
+the causal mask makes half of them zeros, which Kaplan et al. 2020 count away). The backward
+pass costs twice the forward (for y = x W it needs dL/dx = dL/dy W^T and dL/dW = x^T dL/dy, two
+matmuls of the forward's size), so training costs 3x the forward:
+
+    flops_per_token = 6 * N_matmul + 12 * n_layer * seq * d_model
+
+Memory (bytes). Training with AdamW keeps, per parameter, the weight, its gradient and Adam's
+two moments: 4 + 4 + 8 = 16 bytes in float32, and still 16 under mixed precision (float32
+weights and states, as autocast and ZeRO's accounting have it). Activations: what autograd
+saves for the backward pass, which grows with batch * seq; ``activation_bytes`` counts the
+tensors this library's fused float32 path saves (tests/test_flops.py checks it against the
+bytes autograd actually holds).
+"""
+
+from qkv.pt.model import GPTConfig
+
+# Dense (no sparsity) bfloat16 tensor-core peaks from NVIDIA's data sheets, FLOP/s. Longest
+# name first: "H100 PCIe" must win over "H100".
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,  # float16 (V100 has no bfloat16)
+}
+
+
+def count_parameters(config: GPTConfig) -> int:
+    """Parameters of a GPT (the tied wte/lm_head once): equals sum(p.numel() for p in model)."""
+    d, n_layer = config.d_model, config.n_layer
+    per_block = 12 * d * d + (13 * d if config.bias else 2 * d)  # 4 matrices, biases, 2 norms
+    final_norm = 2 * d if config.bias else d
+    return (config.vocab_size + config.context_length) * d + n_layer * per_block + final_norm
+
+
+def matmul_params(config: GPTConfig) -> int:
+    """The weights a token is multiplied by: every block's 4 matrices and the unembedding."""
+    return 12 * config.n_layer * config.d_model ** 2 + config.vocab_size * config.d_model
+
+
+def attention_flops_per_token(config: GPTConfig, seq: int | None = None) -> int:
+    """Forward FLOPs of Q K^T and A V for one token: 4 * n_layer * seq * d_model."""
+    seq = config.context_length if seq is None else seq
+    return 4 * config.n_layer * seq * config.d_model
+
+
+def flops_per_token(config: GPTConfig, seq: int | None = None, *, training: bool = True) -> int:
+    """FLOPs to process one token of a (batch, seq) window: forward 2 * N_matmul + attention;
+    training (forward + backward) three times that. seq defaults to config.context_length."""
+    forward = 2 * matmul_params(config) + attention_flops_per_token(config, seq)
+    return 3 * forward if training else forward
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The bfloat16 dense peak of a GPU named like torch.cuda.get_device_name(); None if the
+    table does not know it (then MFU is reported as unknown)."""
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None,
+        n_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation (Chowdhery et al. 2022): the FLOP/s the model's arithmetic
+    needs at this throughput, over the peak of the devices doing it. None if peak is None."""
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_s / (peak * n_devices)
+
+
+def activation_bytes(config: GPTConfig, batch: int, seq: int | None = None,
+                     dtype_bytes: int = 4) -> int:
+    """Bytes autograd keeps for the backward pass of this library's fused float32 path.
+
+    Per block and token: the block input, ln_1's output, Q|K|V (3 d_model), attention's output,
+    the residual after attention, ln_2's output, the MLP's hidden layer before and after GELU
+    (4 d_model each): 16 d_model; each layer norm's mean and 1/std (2 each), and the attention
+    kernel's log-sum-exp per head (n_head). After the blocks: ln_f's input and output (2
+    d_model), its mean and 1/std, the log-softmax over the vocabulary (vocab), and the int64
+    token ids (8 bytes).
+    """
+    seq = config.context_length if seq is None else seq
+    d = config.d_model
+    per_block = 16 * d + 4 + config.n_head
+    per_token = config.n_layer * per_block + 2 * d + 2 + config.vocab_size
+    return batch * seq * (per_token * dtype_bytes + 8)
+
+
+def training_memory(config: GPTConfig, batch: int, seq: int | None = None, *,
+                    world_size: int = 1, shard: bool = False) -> dict:
+    """Bytes per device to train with AdamW in float32 (or bf16 autocast: the same states).
+
+    shard: FSDP/ZeRO-3, where parameters, gradients and Adam's moments are split over
+        world_size devices (activations are not: each device runs its own micro-batch).
+    returns: dict of parameters, gradients, optimizer, activations and total (bytes).
+    """
+    n = count_parameters(config)
+    split = world_size if shard else 1
+    out = {"parameters": 4 * n / split, "gradients": 4 * n / split,
+           "optimizer": 2 * 4 * n / split, "activations": activation_bytes(config, batch, seq)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def throughput_report(config: GPTConfig, tokens_per_s: float, device, n_devices: int = 1):
+    """(one line for the log, MFU or None): FLOPs per token, achieved FLOP/s and, on CUDA, MFU
+    against the device's bfloat16 peak ("unknown device" if the table lacks it)."""
+    per_token = flops_per_token(config)
+    line = (f"{per_token:.3g} FLOPs/token (6N + attention) x {tokens_per_s:,.0f} tokens/s "
+            f"= {per_token * tokens_per_s:.3g} FLOP/s")
+    if getattr(device, "type", device) != "cuda":
+        return line + "; MFU: not computed on the CPU", None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    util = mfu(per_token, tokens_per_s, peak_flops(name), n_devices)
+    if util is None:
+        return line + f"; MFU: unknown device {name!r}", None
+    return line + f"; MFU {util:.1%} of {n_devices} x {name}'s bf16 peak", util

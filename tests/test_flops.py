@@ -1,0 +1,112 @@
+"""qkv.flops against measurements on the same model: parameter counts against the module,
+FLOPs against torch.utils.flop_counter.FlopCounterMode (forward and forward + backward),
+activation bytes against the tensors autograd saves, optimizer memory against AdamW's state."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from qkv.flops import (
+    activation_bytes,
+    count_parameters,
+    flops_per_token,
+    matmul_params,
+    mfu,
+    peak_flops,
+    training_memory,
+)
+from qkv.pt import GPT, GPTConfig, cross_entropy
+from qkv.train import TrainConfig, make_optimizer
+
+CONFIGS = [
+    dict(vocab_size=50, context_length=32, n_layer=2, n_head=4, d_model=32),
+    dict(vocab_size=65, context_length=16, n_layer=3, n_head=2, d_model=24, bias=False),
+    dict(vocab_size=11, context_length=8, n_layer=1, n_head=1, d_model=8),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def model_and_batch(values, fused=True, batch=3, seq=None):
+    cfg = GPTConfig(**values, fused=fused)
+    model = GPT(cfg, generator=torch.Generator().manual_seed(0))
+    seq = cfg.context_length if seq is None else seq
+    x = torch.randint(cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    return cfg, model, x
+
+
+@pytest.mark.parametrize("values", CONFIGS)
+def test_parameter_count_matches_the_module(values):
+    cfg, model, _ = model_and_batch(values)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("values", CONFIGS)
+def test_flops_match_torch_flop_counter(values):
+    # the naive path runs attention as two matmuls, which FlopCounterMode counts
+    for seq in [None, 5]:
+        cfg, model, x = model_and_batch(values, fused=False, seq=seq)
+        tokens = x.numel()
+        with FlopCounterMode(display=False) as forward:
+            model(x)
+        assert forward.get_total_flops() == tokens * flops_per_token(cfg, x.shape[1],
+                                                                     training=False)
+        with FlopCounterMode(display=False) as both:
+            cross_entropy(model(x), x).backward()
+        assert both.get_total_flops() == tokens * flops_per_token(cfg, x.shape[1])
+    # the fused path: FlopCounterMode has no formula for the CPU flash-attention kernel
+    # (torch 2.13), so it sees exactly the linear layers and the unembedding
+    cfg, model, x = model_and_batch(values, fused=True)
+    with FlopCounterMode(display=False) as fused:
+        model(x)
+    assert fused.get_total_flops() == x.numel() * 2 * matmul_params(cfg)
+
+
+@pytest.mark.parametrize("values", CONFIGS)
+def test_activation_bytes_are_what_autograd_saves(values):
+    cfg, model, x = model_and_batch(values, batch=2)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x)
+        cross_entropy(logits, x, fused=True)  # as qkv.train calls it
+    # the loss's own 0-dim scalar (4 bytes) is the one tensor the formula leaves out
+    assert sum(saved.values()) - 4 == activation_bytes(cfg, 2)
+
+
+def test_training_state_bytes_are_what_adamw_keeps():
+    cfg, model, x = model_and_batch(CONFIGS[0])
+    opt = make_optimizer(model, TrainConfig())
+    cross_entropy(model(x), x).backward()
+    opt.step()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    moments = sum(t.numel() * t.element_size() for state in opt.state.values()
+                  for name, t in state.items() if name in ("exp_avg", "exp_avg_sq"))
+    est = training_memory(cfg, batch=3)
+    assert (est["parameters"], est["gradients"], est["optimizer"]) == (params, grads, moments)
+    sharded = training_memory(cfg, batch=3, world_size=4, shard=True)
+    assert sharded["optimizer"] == moments / 4 and sharded["activations"] == est["activations"]
+
+
+def test_peaks_and_mfu():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops("Some Future GPU") is None
+    # 6 GFLOP per token at 50,000 tokens/s on 2 devices of 1 PFLOP/s: 3e14 / 2e15 = 15%
+    assert mfu(6e9, 5e4, 1e15, n_devices=2) == pytest.approx(0.15, rel=1e-12)
+    assert mfu(6e9, 5e4, None) is None
