@@ -703,7 +703,10 @@ def test_notebook_metadata(path):
     assert first.metadata.nbgrader["locked"] and not first.metadata.nbgrader["grade"]
     ids = []
     for cell in nb.cells:
-        meta = cell.metadata["nbgrader"]
+        meta = cell.metadata.get("nbgrader")
+        if meta is None:  # a plain cell (e.g. settings the learner edits): no answer, no test
+            assert "### BEGIN" not in cell.source and "check_" not in cell.source
+            continue
         ids.append(meta["grade_id"])
         assert meta["schema_version"] == 3 and meta["task"] is False
         assert cell.get("outputs", []) == [] and cell.get("execution_count") is None
@@ -712,6 +715,8 @@ def test_notebook_metadata(path):
             assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
         if meta["grade"]:
             assert meta["locked"] and meta["points"] > 0 and not meta["solution"]
+            if "check_gpt_target" in cell.source:  # judges the trained model: nothing to hide
+                continue
             assert "### BEGIN HIDDEN TESTS" in cell.source and "hidden=True" in cell.source
             assert "check_" in cell.source.split("### BEGIN HIDDEN TESTS")[0]
     assert len(ids) == len(set(ids))
@@ -725,9 +730,13 @@ def test_solution_notebook_passes_every_test_cell(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_untouched_notebook_fails_every_test_cell(path):
-    _, results = run_cells(path, stub)
+    nb, results = run_cells(path, stub)
     assert results
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     for grade_id, outcome in results.items():
+        if isinstance(outcome, NameError) and re.search(
+                rf"^\s*((class|def) {outcome.name}\b|{outcome.name}\s*=)", code, re.M):
+            continue  # defined by a cell that now fails (chapter 12's GPT, model): still zero
         assert isinstance(outcome, AssertionError), (grade_id, outcome)
         assert "not implemented yet" in str(outcome), (grade_id, outcome)
 
@@ -737,8 +746,8 @@ def test_notebook_points():
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
-            meta = cell.metadata["nbgrader"]
-            if meta["grade"]:
+            meta = cell.metadata.get("nbgrader", {})
+            if meta.get("grade"):
                 points[(path.stem, meta["grade_id"])] = meta["points"]
     assert points == {
         ("softmax", "softmax-tests"): 3, ("softmax", "scores-tests"): 2,
@@ -774,4 +783,17 @@ def test_notebook_points():
         ("bpe", "decode-tests"): 2,
         ("fast_attention", "step-tests"): 2, ("fast_attention", "streaming-tests"): 2,
         ("fast_attention", "tiled-tests"): 4,
+        ("training", "clip-tests"): 2, ("generation", "sample-tests"): 3,
+        ("your_gpt", "gpt-tests"): 4, ("your_gpt", "lr-tests"): 1, ("your_gpt", "eval-tests"): 1,
+        ("your_gpt", "loop-tests"): 3, ("your_gpt", "trained-tests-1"): 2,
+        ("your_gpt", "trained-tests-2"): 2, ("your_gpt", "trained-tests-3"): 2,
+        ("your_gpt", "sample-tests"): 2, ("your_gpt", "np-grads-tests"): 3,
+        ("your_gpt", "np-train-tests"): 3,
+        ("modern_decoder", "rms-tests"): 2, ("modern_decoder", "rope-tests"): 3,
+        ("modern_decoder", "rotary-tests"): 2, ("modern_decoder", "swiglu-tests"): 2,
+        ("modern_decoder", "repeat-tests"): 1, ("modern_decoder", "gqa-tests"): 2,
+        ("training_at_scale", "flops-tests"): 2, ("training_at_scale", "memory-tests"): 3,
+        ("training_at_scale", "allreduce-tests"): 3, ("training_at_scale", "accum-tests"): 2,
+        ("inside_a_model", "prev-tests"): 2, ("inside_a_model", "ind-tests"): 2,
+        ("inside_a_model", "ablate-tests"): 2, ("inside_a_model", "lens-tests"): 2,
     }
