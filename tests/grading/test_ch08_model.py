@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 from grading_meta import Declared, meta_tests, run
+from test_ch07_block import layer_norm, mlp, multi_head_attention, softmax
 from test_checkers import comparisons_patched_to_true, failure
 
 import qkv.grading.exercises.ch07_block as ch07
@@ -22,41 +23,6 @@ from qkv.grading import (
     check_init_params,
     check_next_token_probs,
 )
-
-
-def softmax(x, axis=-1):
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-def layer_norm(x, gamma, beta, eps=1e-5):
-    mean = x.mean(axis=-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * gamma + beta
-
-
-def gelu(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-
-
-def mlp(x, w_fc, b_fc, w_proj, b_proj):
-    return gelu(x @ w_fc + b_fc) @ w_proj + b_proj
-
-
-def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, causal=True):
-    *lead, seq, d_model = x.shape
-    d_head = d_model // n_head
-    q, k, v = np.split(x @ w_qkv + b_qkv, 3, axis=-1)
-
-    def heads(t):
-        return np.swapaxes(t.reshape(*lead, seq, n_head, d_head), -3, -2)
-
-    q, k, v = heads(q), heads(k), heads(v)
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(d_head)
-    if causal:
-        scores = np.where(np.tril(np.ones((seq, seq), dtype=bool)), scores, -np.inf)
-    out = np.swapaxes(softmax(scores) @ v, -3, -2).reshape(*lead, seq, d_model)
-    return out @ w_out + b_out
 
 
 def decoder_block(x, p, n_head, causal=True):
