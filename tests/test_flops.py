@@ -1,6 +1,7 @@
 """qkv.flops against measurements on the same model: parameter counts against the module,
 FLOPs against torch.utils.flop_counter.FlopCounterMode (forward and forward + backward),
-activation bytes against the tensors autograd saves, optimizer memory against AdamW's state."""
+activation bytes against the tensors autograd saves, optimizer memory against AdamW's state, and
+the whole estimate against a training step's measured peak."""
 
 import pytest
 import torch
@@ -11,12 +12,13 @@ from qkv.flops import (
     count_parameters,
     flops_per_token,
     matmul_params,
+    measured_peak_bytes,
     mfu,
     peak_flops,
     training_memory,
 )
 from qkv.pt import GPT, GPTConfig, cross_entropy
-from qkv.train import TrainConfig, make_optimizer
+from qkv.train import TrainConfig, make_optimizer, train_step
 
 CONFIGS = [
     dict(vocab_size=50, context_length=32, n_layer=2, n_head=4, d_model=32),
@@ -110,3 +112,31 @@ def test_peaks_and_mfu():
     # 6 GFLOP per token at 50,000 tokens/s on 2 devices of 1 PFLOP/s: 3e14 / 2e15 = 15%
     assert mfu(6e9, 5e4, 1e15, n_devices=2) == pytest.approx(0.15, rel=1e-12)
     assert mfu(6e9, 5e4, None) is None
+
+
+# (config, batch, seq, lowest measured/estimate): the estimate counts every gradient and every
+# activation at once, so it is an upper bound; it is tight when activations dominate (a
+# character vocabulary, a big batch), about 15 % high when the weights dominate (batch 1: the
+# gradients fill in while the backward pass frees the activations), and a few % high when the
+# logits dominate (three (batch, seq, vocab) tensors around the loss; 2.9 measured at 50k).
+PEAK_CASES = [
+    (dict(vocab_size=65, context_length=64, n_layer=4, n_head=4, d_model=128), 32, 64, 0.95),
+    (dict(vocab_size=65, context_length=64, n_layer=4, n_head=4, d_model=128), 1, 64, 0.80),
+    (dict(vocab_size=16384, context_length=64, n_layer=2, n_head=4, d_model=64), 8, 64, 0.93),
+]
+
+
+@pytest.mark.parametrize("values, batch, seq, lowest", PEAK_CASES)
+def test_training_memory_bounds_the_measured_peak(values, batch, seq, lowest):
+    cfg, model, x = model_and_batch(values, batch=batch, seq=seq)
+    opt = make_optimizer(model, TrainConfig())
+    train_step(model, opt, x, x, 1e-3, 1.0)  # AdamW's moments exist from the first step on
+    peak = measured_peak_bytes(lambda: train_step(model, opt, x, x, 1e-3, 1.0), model, opt)
+    est = training_memory(cfg, batch, seq)
+    assert lowest * est["total"] <= peak <= 1.01 * est["total"], (peak, est)
+    # each part is needed: without the optimizer's moments, the gradients or the loss's
+    # tensors, the estimate falls below what was measured
+    for part in ("optimizer", "gradients", "logits", "activations"):
+        if est[part] > 0.05 * est["total"]:
+            assert est["total"] - est[part] < peak, part
+

@@ -18,7 +18,8 @@ two moments: 4 + 4 + 8 = 16 bytes in float32, and still 16 under mixed precision
 weights and states, as autocast and ZeRO's accounting have it). Activations: what autograd
 saves for the backward pass, which grows with batch * seq; ``activation_bytes`` counts the
 tensors this library's fused float32 path saves (tests/test_flops.py checks it against the
-bytes autograd actually holds).
+bytes autograd actually holds). Around the loss three (batch, seq, vocab) tensors exist at
+once (``loss_bytes``); ``measured_peak_bytes`` measures a training step's real peak.
 """
 
 from qkv.pt.model import GPTConfig
@@ -100,20 +101,75 @@ def activation_bytes(config: GPTConfig, batch: int, seq: int | None = None,
     return batch * seq * (per_token * dtype_bytes + 8)
 
 
+def loss_bytes(config: GPTConfig, batch: int, seq: int | None = None,
+               dtype_bytes: int = 4) -> int:
+    """Bytes that exist only around the loss, at the start of the backward pass: the logits
+    (the caller still holds them), the gradient of the log-probabilities and the gradient of
+    the logits, three (batch, seq, vocab) tensors beside the saved log-softmax. With a 50k
+    vocabulary they outweigh a small model's activations.
+    """
+    seq = config.context_length if seq is None else seq
+    return 3 * batch * seq * config.vocab_size * dtype_bytes
+
+
 def training_memory(config: GPTConfig, batch: int, seq: int | None = None, *,
                     world_size: int = 1, shard: bool = False) -> dict:
     """Bytes per device to train with AdamW in float32 (or bf16 autocast: the same states).
 
     shard: FSDP/ZeRO-3, where parameters, gradients and Adam's moments are split over
         world_size devices (activations are not: each device runs its own micro-batch).
-    returns: dict of parameters, gradients, optimizer, activations and total (bytes).
+    returns: dict of parameters, gradients, optimizer, activations, logits (loss_bytes) and
+        total (bytes). The total is a slight over-estimate of the peak: it counts every
+        gradient and every activation at once, while the backward pass frees activations as
+        it fills gradients (tests/test_flops.py measures the peak: 80-100 % of the total).
     """
     n = count_parameters(config)
     split = world_size if shard else 1
     out = {"parameters": 4 * n / split, "gradients": 4 * n / split,
-           "optimizer": 2 * 4 * n / split, "activations": activation_bytes(config, batch, seq)}
+           "optimizer": 2 * 4 * n / split, "activations": activation_bytes(config, batch, seq),
+           "logits": loss_bytes(config, batch, seq)}
     out["total"] = sum(out.values())
     return out
+
+
+def measured_peak_bytes(step, model, optimizer) -> int:
+    """The most bytes allocated at once while ``step()`` runs one training step of ``model``.
+
+    CUDA: torch.cuda.max_memory_allocated() over the step (everything on the model's device,
+        the batch included).
+    CPU, which keeps no such counter: the bytes of the tensors that outlive the step (the
+        weights and the optimizer's state; the gradients are set to None first) plus the
+        peak of the bytes torch's CPU allocator hands out during it, replayed from the
+        allocation and free events that torch.profiler records.
+    """
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    def nbytes(t):
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    resident = sum(nbytes(p) for p in model.parameters()) + sum(
+        nbytes(t) for state in optimizer.state.values() for t in state.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = getattr(getattr(prof.profiler, "kineto_results", None), "events", None)
+    if events is None:
+        raise RuntimeError("measured_peak_bytes: this torch's profiler does not expose its "
+                           "allocation events (prof.profiler.kineto_results.events())")
+    live = peak = 0
+    for e in sorted((e for e in events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()  # > 0 for an allocation, < 0 for a free
+        peak = max(peak, live)
+    return resident + peak
 
 
 def throughput_report(config: GPTConfig, tokens_per_s: float, device, n_devices: int = 1):

@@ -37,7 +37,7 @@ from qkv import distributed
 from qkv._train_loop import _progress_bar, _StopOnCtrlC
 from qkv.data import CharTokenizer, corpus_path, get_batch, load_text, sha256_of, split
 from qkv.distributed import micro_batches, sync_gradients, unwrap
-from qkv.flops import flops_per_token, throughput_report
+from qkv.flops import flops_per_token, throughput_report, training_memory
 from qkv.precision import autocast_for, resolve_dtype
 from qkv.pt import GPT, GPTConfig, cross_entropy, generate
 
@@ -456,6 +456,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     if steps_run:
         log(f"{steps_run} steps in {train_time:.1f} s of training ({tokens_per_s:,.0f} tokens/s)")
         log(accounting)
+        if device.type == "cuda":  # the CPU keeps no peak counter (tests/test_flops.py measures)
+            est = training_memory(mcfg, cfg.batch_size)["total"] / 2**30
+            log(f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB; "
+                f"float32 estimate {est:.2f} GiB (qkv.flops.training_memory)")
     if plot and history["train_loss"]:
         plot_losses(history, out_dir / "loss.png")
     if step < cfg.max_steps:
