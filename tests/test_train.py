@@ -211,7 +211,7 @@ def test_cli_context_longer_than_the_data(capsys, tmp_path):
 
 def test_cli_unknown_preset(capsys):
     msg = cli_error(capsys, ["--preset", "gpu-huge"])
-    assert msg == "unknown preset 'gpu-huge'; known presets: cpu-small, gpu-baby"
+    assert msg == "unknown preset 'gpu-huge'; known presets: cpu-small, cpu-modern, gpu-baby"
 
 
 def test_cli_resume_errors(capsys, tmp_path, corpus):
