@@ -227,6 +227,16 @@ def _no_download(url):
     raise OSError(f"not downloading {url}: offline")
 
 
+def local_corpus() -> Path | None:
+    """The tiny Shakespeare file this machine has ($QKV_DATA, ../shared/data or the download
+    cache), or None. Never downloads. The grader hands it to its sandboxed kernels, which see
+    neither the caller's environment nor folders outside the course."""
+    try:
+        return corpus_path(fetch=_no_download).resolve()
+    except (OSError, ValueError):
+        return None
+
+
 def course_text() -> tuple[str, str]:
     """(text, name): tiny Shakespeare if it is here ($QKV_DATA, ../shared/data or the download
     cache), else ``builtin_text()``. Never downloads. name is "tiny Shakespeare" or

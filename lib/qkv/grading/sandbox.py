@@ -27,7 +27,9 @@ Any step that the platform refuses is skipped and reported on stderr; the kernel
 Settings come from the environment (the kernel spec's "env"), so tests can set them low:
 QKV_SANDBOX_HIDE and QKV_SANDBOX_READONLY (os.pathsep-separated), QKV_SANDBOX_UID,
 QKV_SANDBOX_MEM_MB (default 4096), QKV_SANDBOX_CPU_S (600), QKV_SANDBOX_FSIZE_MB (64),
-QKV_SANDBOX_NPROC (256), QKV_SANDBOX_TMP_MB (512), QKV_SANDBOX_THREADS (1).
+QKV_SANDBOX_NPROC (256), QKV_SANDBOX_TMP_MB (512), QKV_SANDBOX_THREADS (1), and
+QKV_SANDBOX_DATA: the course corpus, kept visible and handed to the kernel as $QKV_DATA (the
+kernel sees neither the grader's environment nor, under a closed folder, ../shared).
 """
 
 from __future__ import annotations
@@ -99,7 +101,19 @@ def _needed_paths() -> list[str]:
     python_bin = os.path.dirname(os.path.realpath(sys.executable))
     paths = [sys.prefix, sys.base_prefix, python_bin, qkv_dir]
     paths += [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != cwd]
+    if _corpus():
+        paths.append(_corpus())  # the file alone, so a closed parent cannot hide it
     return sorted({os.path.realpath(p) for p in paths})
+
+
+def _corpus() -> str | None:
+    """QKV_SANDBOX_DATA when it is a file outside every hidden path, else None."""
+    corpus = os.environ.get("QKV_SANDBOX_DATA", "")
+    if not os.path.isfile(corpus):
+        return None
+    if any(_under(corpus, hidden) for hidden in _env_paths("QKV_SANDBOX_HIDE")):
+        return None
+    return os.path.realpath(corpus)
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -122,10 +136,14 @@ def _reexpose(needed: list[str], log: list[str]) -> None:
         if top:
             closed.setdefault(top, []).append(p)
     for top, inside in closed.items():
-        fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in inside}
+        fds = {p: os.open(p, os.O_PATH) for p in inside}
         _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,mode=755")
         for p, fd in fds.items():
-            os.makedirs(p, exist_ok=True)
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(p, exist_ok=True)
+            else:  # a single file (the corpus): an empty file to mount it on
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                open(p, "a").close()
             _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
             os.close(fd)
         os.chmod(top, 0o755)
@@ -261,6 +279,8 @@ def _kernel_env(workdir: str) -> dict[str, str]:
         OPENBLAS_NUM_THREADS=threads,
         PYDEVD_DISABLE_FILE_VALIDATION="1",
     )
+    if _corpus():
+        env["QKV_DATA"] = _corpus()  # qkv.data.corpus_path reads it
     return env
 
 

@@ -35,6 +35,7 @@ import nbgrader.converters  # noqa: F401 - imported here so the driver's fork se
 import nbgrader.preprocessors  # noqa: F401
 from nbgrader.api import Gradebook  # noqa: F401
 
+from ..data import local_corpus
 from .course import load_config, run
 from .feedback import add_section, ungradable_page
 from .integrity import FINDINGS, restore, scan
@@ -218,6 +219,9 @@ def grade(job: dict) -> dict:
         env = {f"QKV_SANDBOX_{k.upper()}": str(v) for k, v in job["sandbox"].items()}
         env["QKV_SANDBOX_HIDE"] = os.pathsep.join([str(scratch), *job["hide"]])
         env["QKV_SANDBOX_UID"] = str(uid)
+        corpus = local_corpus()
+        if corpus is not None:  # the kernel reads the same corpus the grader would
+            env["QKV_SANDBOX_DATA"] = str(corpus)
         env["QKV_SANDBOX_READONLY"] = os.pathsep.join(
             [job["root"], sys.prefix, sys.base_prefix, os.path.expanduser("~")])
         write_kernelspec(str(scratch / "jupyter"), env)
