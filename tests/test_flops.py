@@ -24,6 +24,13 @@ CONFIGS = [
     dict(vocab_size=50, context_length=32, n_layer=2, n_head=4, d_model=32),
     dict(vocab_size=65, context_length=16, n_layer=3, n_head=2, d_model=24, bias=False),
     dict(vocab_size=11, context_length=8, n_layer=1, n_head=1, d_model=8),
+    # chapter 14's switches: each changes what autograd keeps (see activation_bytes)
+    dict(vocab_size=65, context_length=16, n_layer=2, n_head=4, d_model=32, norm="rms",
+         position="rope", mlp="swiglu", qk_norm=True, bias=False),  # cpu-modern's layout
+    dict(vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32, position="rope",
+         n_kv_head=2),  # rope + grouped-query: Q|K|V itself is not kept
+    dict(vocab_size=50, context_length=8, n_layer=1, n_head=4, d_model=48, qk_norm=True,
+         n_kv_head=1, mlp="swiglu", tie_embeddings=False),
 ]
 
 
@@ -123,6 +130,8 @@ PEAK_CASES = [
     (dict(vocab_size=65, context_length=64, n_layer=4, n_head=4, d_model=128), 32, 64, 0.95),
     (dict(vocab_size=65, context_length=64, n_layer=4, n_head=4, d_model=128), 1, 64, 0.80),
     (dict(vocab_size=16384, context_length=64, n_layer=2, n_head=4, d_model=64), 8, 64, 0.93),
+    (dict(vocab_size=65, context_length=64, n_layer=4, n_head=4, d_model=128, norm="rms",
+          position="rope", mlp="swiglu", qk_norm=True, bias=False), 32, 64, 0.95),  # cpu-modern
 ]
 
 

@@ -2,7 +2,8 @@
 
 FLOPs (one multiply-add = 2 FLOPs). A token's forward pass multiplies its d_model-vector by
 every weight matrix once: 2 FLOPs per matrix weight, so 2 * N_matmul, where N_matmul counts the
-weights of the linear layers (12 * n_layer * d_model^2) and the tied unembedding
+weights of the linear layers (12 * n_layer * d_model^2 in GPT-2's layout; chapter 14's
+grouped-query attention and SwiGLU change the count) and the unembedding
 (vocab * d_model); embeddings are looked up, not multiplied, and biases, norms and GELU are
 a rounding error. Attention adds, per layer, the scores Q K^T and the weighted sum A V: each a
 dot product of length d_model with each of the seq positions, 2 * 2 * seq * d_model FLOPs
@@ -39,17 +40,37 @@ PEAK_BF16_FLOPS = {
 }
 
 
+def _matrices_per_block(config: GPTConfig) -> int:
+    """Weights of one block's matrices: c_attn (d_model x (n_head + 2 n_kv_head) d_head),
+    attention's c_proj (d_model^2) and the MLP (d_model x d_ff twice; three times for SwiGLU's
+    gate, up and down). GPT-2's layout: 3 + 1 + 4 + 4 = 12 d_model^2. Grouped-query attention
+    narrows c_attn; SwiGLU's d_ff of 8/3 d_model keeps the MLP near 8 d_model^2."""
+    d = config.d_model
+    d_head = d // config.n_head
+    qkv = (config.n_head + 2 * (config.n_kv_head or config.n_head)) * d_head
+    mlp = (3 if config.mlp == "swiglu" else 2) * config.hidden
+    return d * (qkv + d + mlp)
+
+
 def count_parameters(config: GPTConfig) -> int:
     """Parameters of a GPT (the tied wte/lm_head once): equals sum(p.numel() for p in model)."""
-    d, n_layer = config.d_model, config.n_layer
-    per_block = 12 * d * d + (13 * d if config.bias else 2 * d)  # 4 matrices, biases, 2 norms
-    final_norm = 2 * d if config.bias else d
-    return (config.vocab_size + config.context_length) * d + n_layer * per_block + final_norm
+    d = config.d_model
+    d_head = d // config.n_head
+    qkv = (config.n_head + 2 * (config.n_kv_head or config.n_head)) * d_head
+    mlp_width = (2 if config.mlp == "swiglu" else 1) * config.hidden
+    norm = 2 * d if config.bias and config.norm == "layer" else d  # gain (and shift)
+    biases = qkv + d + mlp_width + d if config.bias else 0
+    qk_norm = 2 * d_head if config.qk_norm else 0  # one scale for q's heads, one for k's
+    per_block = _matrices_per_block(config) + biases + 2 * norm + qk_norm
+    positions = config.context_length * d if config.position == "learned" else 0
+    unembed = 0 if config.tie_embeddings else config.vocab_size * d
+    return config.vocab_size * d + positions + config.n_layer * per_block + norm + unembed
 
 
 def matmul_params(config: GPTConfig) -> int:
-    """The weights a token is multiplied by: every block's 4 matrices and the unembedding."""
-    return 12 * config.n_layer * config.d_model ** 2 + config.vocab_size * config.d_model
+    """The weights a token is multiplied by: every block's matrices and the unembedding
+    (12 n_layer d_model^2 + vocab d_model in GPT-2's layout)."""
+    return config.n_layer * _matrices_per_block(config) + config.vocab_size * config.d_model
 
 
 def attention_flops_per_token(config: GPTConfig, seq: int | None = None) -> int:
@@ -87,18 +108,42 @@ def activation_bytes(config: GPTConfig, batch: int, seq: int | None = None,
                      dtype_bytes: int = 4) -> int:
     """Bytes autograd keeps for the backward pass of this library's fused float32 path.
 
-    Per block and token: the block input, ln_1's output, Q|K|V (3 d_model), attention's output,
-    the residual after attention, ln_2's output, the MLP's hidden layer before and after GELU
-    (4 d_model each): 16 d_model; each layer norm's mean and 1/std (2 each), and the attention
-    kernel's log-sum-exp per head (n_head). After the blocks: ln_f's input and output (2
-    d_model), its mean and 1/std, the log-softmax over the vocabulary (vocab), and the int64
-    token ids (8 bytes).
+    Per block and token, GPT-2's layout keeps 16 d_model + 4 + n_head numbers: the block
+    input, ln_1's output, Q|K|V (3 d_model), attention's output, the residual after attention,
+    ln_2's output, the MLP's hidden layer before and after GELU (4 d_model each), each layer
+    norm's mean and 1/std (2 each), and the attention kernel's log-sum-exp per head (n_head).
+    After the blocks: ln_f's input and output (2 d_model), its mean and 1/std, the
+    log-softmax over the vocabulary (vocab), and the int64 token ids (8 bytes).
+
+    Chapter 14's switches change what is kept (each measured with saved_tensors_hooks):
+    - norm "rms": x / rms(x) before the gain (d_model) and 1/rms (1), for LayerNorm's 2 stats.
+    - mlp "swiglu": gate|up (2 d_ff), SiLU(gate) and the product (d_ff each): 4 d_ff.
+    - qk_norm: per query and key head its 1/rms and its normalised vector.
+    - rope or qk_norm: q and k are new tensors laid out (batch, n_head, seq, d_head); the
+      attention output follows q's layout, so merging the heads copies it (d_model more). The
+      cos/sin tables (seq x d_head in all) are kept once.
+    - n_kv_head < n_head: Q|K|V is narrower, but the repeated keys and values are new
+      (d_model each); with rope and no qk_norm nothing keeps Q|K|V itself.
     """
     seq = config.context_length if seq is None else seq
-    d = config.d_model
-    per_block = 16 * d + 4 + config.n_head
-    per_token = config.n_layer * per_block + 2 * d + 2 + config.vocab_size
-    return batch * seq * (per_token * dtype_bytes + 8)
+    d, h = config.d_model, config.n_head
+    d_head = d // h
+    g = config.n_kv_head or h  # key/value heads
+    rope, qk_norm, grouped = config.position == "rope", config.qk_norm, g < h
+    norm = (d + 1) if config.norm == "rms" else 2  # besides the norm's output
+    mlp = 4 * config.hidden if config.mlp == "swiglu" else 8 * d
+    new_qk = rope or qk_norm  # rotated or normalised: q and k are copies
+    attention = h + d  # log-sum-exp and the output
+    if not (rope and grouped and not qk_norm):
+        attention += (h + 2 * g) * d_head  # Q|K|V, kept through a view of it
+    attention += d * (new_qk + (new_qk or grouped) + grouped)  # copies of q, k, v
+    attention += d * new_qk  # the merged heads, when the output is (batch, n_head, ...)
+    if qk_norm:
+        attention += (h + g) * (1 + d_head)
+    per_block = d + (d + norm) + attention + d + (d + norm) + mlp
+    per_token = config.n_layer * per_block + 2 * d + norm + config.vocab_size
+    tables = seq * d_head if rope else 0
+    return batch * seq * (per_token * dtype_bytes + 8) + tables * dtype_bytes
 
 
 def loss_bytes(config: GPTConfig, batch: int, seq: int | None = None,
