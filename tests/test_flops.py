@@ -149,3 +149,19 @@ def test_training_memory_bounds_the_measured_peak(values, batch, seq, lowest):
         if est[part] > 0.05 * est["total"]:
             assert est["total"] - est[part] < peak, part
 
+
+
+@pytest.mark.parametrize("n_kv_head", [32, 8])
+def test_parameter_count_of_a_llama_2_7b_shape_matches_transformers(n_kv_head):
+    """At full size, without allocating it: transformers' LlamaForCausalLM on the meta device
+    (Llama-2-7B's shape: 6,738,415,616 parameters; with 8 key/value heads, fewer)."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                  num_hidden_layers=32, num_attention_heads=32,
+                                  num_key_value_heads=n_kv_head, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf)
+    ours = GPTConfig(vocab_size=32000, context_length=4096, n_layer=32, n_head=32, d_model=4096,
+                     norm="rms", position="rope", mlp="swiglu", d_ff=11008, bias=False,
+                     tie_embeddings=False, n_kv_head=n_kv_head)
+    assert count_parameters(ours) == sum(p.numel() for p in model.parameters())
