@@ -22,7 +22,8 @@ from qkv.train import TrainConfig, make_optimizer, train_step
 
 CONFIGS = [
     dict(vocab_size=50, context_length=32, n_layer=2, n_head=4, d_model=32),
-    dict(vocab_size=65, context_length=16, n_layer=3, n_head=2, d_model=24, bias=False),
+    dict(vocab_size=65, context_length=16, n_layer=3, n_head=2, d_model=24, bias=False,
+         dropout=0.1),
     dict(vocab_size=11, context_length=8, n_layer=1, n_head=1, d_model=8),
     # chapter 14's switches: each changes what autograd keeps (see activation_bytes)
     dict(vocab_size=65, context_length=16, n_layer=2, n_head=4, d_model=32, norm="rms",

@@ -124,6 +124,7 @@ def activation_bytes(config: GPTConfig, batch: int, seq: int | None = None,
       cos/sin tables (seq x d_head in all) are kept once.
     - n_kv_head < n_head: Q|K|V is narrower, but the repeated keys and values are new
       (d_model each); with rope and no qk_norm nothing keeps Q|K|V itself.
+    - dropout > 0 (on the embeddings, while training): its scaled mask, d_model per token.
     """
     seq = config.context_length if seq is None else seq
     d, h = config.d_model, config.n_head
@@ -142,6 +143,7 @@ def activation_bytes(config: GPTConfig, batch: int, seq: int | None = None,
         attention += (h + g) * (1 + d_head)
     per_block = d + (d + norm) + attention + d + (d + norm) + mlp
     per_token = config.n_layer * per_block + 2 * d + norm + config.vocab_size
+    per_token += d if config.dropout > 0 else 0  # dropout's mask on the embeddings, as float32
     tables = seq * d_head if rope else 0
     return batch * seq * (per_token * dtype_bytes + 8) + tables * dtype_bytes
 
