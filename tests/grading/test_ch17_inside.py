@@ -96,6 +96,8 @@ DECLARED = [
              .mean((0, 2)), "first-half queries"),
             (lambda p, n: np.diagonal(p, n - 1, -2, -1).reshape(-1, p.shape[-3], n + 1)
              .mean((0, 2)), "above the diagonal"),
+            (lambda p, n: np.mean([p[..., t, t - n + 1] for t in range(n, p.shape[-1] - 1)],
+                                  axis=0).reshape(-1, p.shape[-3]).mean(0), "last query"),
         ],
         alternatives=[induction_score, induction_score_index,
                       lambda p, n: torch.stack([p[..., h, n:, :].diagonal(1, -2, -1).mean()

@@ -97,6 +97,12 @@ def _ind_reference(pattern, half):
     return _diagonal_mean(pattern, 1 - half, half)
 
 
+def _drop_last_query(pattern, half):
+    n_head, seq = pattern.shape[-3], pattern.shape[-1]
+    t = np.arange(half, seq - 1)
+    return pattern[..., t, t - half + 1].reshape(-1, n_head, len(t)).mean(axis=(0, 2))
+
+
 def _ind_mistakes(pattern, half):
     seq = pattern.shape[-1]
     yield Mistake(
@@ -112,6 +118,11 @@ def _ind_mistakes(pattern, half):
         "{name} takes the score over first-half queries too: query half - 1 has no earlier copy "
         "of its token. Average over the second half only, t = half..seq-1.",
         lambda p, n: _diagonal_mean(p, 1 - n, n - 1))
+    yield Mistake(
+        "{name} leaves out the last query, t = seq - 1. Its token's earlier copy is at half - 1 "
+        "and the token after that copy is key half, the first token of the repeat: a key like "
+        "any other. Average over every t = half..seq-1.",
+        lambda p, n: _drop_last_query(p, n))
     yield Mistake(
         f"{{name}} divides by seq = {seq}, as if every query counted; only the seq - half "
         f"second-half queries t = half..seq-1 do.",
