@@ -79,6 +79,8 @@ DECLARED = [
              .mean((0, 2)), "diagonal above"),
             (lambda p: np.diagonal(p, -1, -2, -1).reshape(-1, p.shape[-3], p.shape[-1] - 1)
              .sum((0, 2)) / (np.prod(p.shape[:-3], dtype=int) * p.shape[-1]), "divides by seq"),
+            (lambda p: np.stack([p[..., h, 1:, :-1].diagonal(0, -2, -1).sum(-1).mean()
+                                 for h in range(p.shape[-3])]), "sums the diagonal"),
         ],
         alternatives=[previous_token_score, previous_token_score_loops,
                       lambda p: torch.diagonal(p, -1, -2, -1).reshape(-1, p.shape[-3],
@@ -94,6 +96,8 @@ DECLARED = [
              .mean((0, 2)), "first-half queries"),
             (lambda p, n: np.diagonal(p, n - 1, -2, -1).reshape(-1, p.shape[-3], n + 1)
              .mean((0, 2)), "above the diagonal"),
+            (lambda p, n: np.mean([p[..., t, t - n + 1] for t in range(n, p.shape[-1] - 1)],
+                                  axis=0).reshape(-1, p.shape[-3]).mean(0), "last query"),
         ],
         alternatives=[induction_score, induction_score_index,
                       lambda p, n: torch.stack([p[..., h, n:, :].diagonal(1, -2, -1).mean()
@@ -107,6 +111,8 @@ DECLARED = [
             (lambda z, h: np.concatenate([np.zeros_like(z[:1]), z[1:]]) if h == 0 else
              np.concatenate([z[:h], np.zeros_like(z[h:h + 1]), z[h + 1:]]), "wrong axis"),
             (lambda z, h: z * (np.arange(z.shape[-3]) == h)[:, None, None], "keeps only"),
+            (lambda z, h: np.concatenate([z[:, :h], np.zeros_like(z[:, h:h + 1]), z[:, h + 1:]],
+                                         axis=1), "axis 1"),
         ],
         alternatives=[ablate_head,
                       lambda z, h: z * (np.arange(z.shape[-3]) != h)[:, None, None],
@@ -123,6 +129,14 @@ DECLARED = [
             (lambda r, g, b, w: ((r - r.mean(-1, keepdims=True))
                                  / np.sqrt(r.var(-1, ddof=1, keepdims=True) + 1e-5) * g + b) @ w.T,
              "unbiased variance"),
+            (lambda r, g, b, w: ((r - r.mean(-1, keepdims=True))
+                                 / (r.std(-1, keepdims=True) + 1e-5) * g + b) @ w.T,
+             "outside the square root"),
+            (lambda r, g, b, w: (r / np.sqrt((r * r).mean(-1, keepdims=True) + 1e-5) * g + b)
+             @ w.T, "RMS norm"),
+            (lambda r, g, b, w: qnp.layer_norm(r, g, np.zeros_like(b)) @ w.T, "leaves out beta"),
+            (lambda r, g, b, w: qnp.layer_norm(r, np.ones_like(g), b) @ w.T, "leaves out gamma"),
+            (lambda r, g, b, w: qnp.softmax(qnp.layer_norm(r, g, b) @ w.T), "probabilities"),
         ],
         alternatives=[logit_lens, logit_lens_torch,
                       lambda r, g, b, w: np.einsum("...d,vd->...v", qnp.layer_norm(r, g, b), w)],

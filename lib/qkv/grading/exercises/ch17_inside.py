@@ -42,6 +42,14 @@ def _prev_mistakes(pattern):
         "looks at key t - 1: the diagonal just below, pattern[..., t, t - 1].",
         lambda p: _diagonal_mean(p, 0, 0))
     yield Mistake(
+        "{name} reads the main diagonal (key t, the query's own token); a previous-token head "
+        "looks at key t - 1: the diagonal just below, pattern[..., t, t - 1].",
+        lambda p: _diagonal_mean(p, 0, 1))
+    yield Mistake(
+        "{name} sums the diagonal over the queries instead of averaging it: a perfect "
+        "previous-token head must score 1, so divide by the seq - 1 queries (and the batch).",
+        lambda p: _diagonal_mean(p, -1, 1, divide_by=1))
+    yield Mistake(
         "{name} reads the diagonal above the main one (key t + 1): the causal mask makes it 0. "
         "The previous token is key t - 1, the diagonal BELOW: np.diagonal(p, offset=-1, "
         "axis1=-2, axis2=-1).",
@@ -89,6 +97,12 @@ def _ind_reference(pattern, half):
     return _diagonal_mean(pattern, 1 - half, half)
 
 
+def _drop_last_query(pattern, half):
+    n_head, seq = pattern.shape[-3], pattern.shape[-1]
+    t = np.arange(half, seq - 1)
+    return pattern[..., t, t - half + 1].reshape(-1, n_head, len(t)).mean(axis=(0, 2))
+
+
 def _ind_mistakes(pattern, half):
     seq = pattern.shape[-1]
     yield Mistake(
@@ -104,6 +118,11 @@ def _ind_mistakes(pattern, half):
         "{name} takes the score over first-half queries too: query half - 1 has no earlier copy "
         "of its token. Average over the second half only, t = half..seq-1.",
         lambda p, n: _diagonal_mean(p, 1 - n, n - 1))
+    yield Mistake(
+        "{name} leaves out the last query, t = seq - 1. Its token's earlier copy is at half - 1 "
+        "and the token after that copy is key half, the first token of the repeat: a key like "
+        "any other. Average over every t = half..seq-1.",
+        lambda p, n: _drop_last_query(p, n))
     yield Mistake(
         f"{{name}} divides by seq = {seq}, as if every query counted; only the seq - half "
         f"second-half queries t = half..seq-1 do.",
@@ -156,6 +175,11 @@ def _ablate(z, head, axis):
 
 def _ablate_mistakes(z, head):
     yield Mistake(
+        "{name} zeroes z[:, head], axis 1: that is the head axis only when z has exactly one "
+        "batch axis. Count from the end instead, where the layout is fixed: z is "
+        "(..., n_head, seq, d_head), so head h is z[..., h, :, :].",
+        lambda z, h: _ablate(z, h, 1))
+    yield Mistake(
         "{name} zeroes position `head` of the sequence (z[..., head, :]), the wrong axis: z is "
         "(..., n_head, seq, d_head), so head h is z[..., h, :, :].",
         lambda z, h: _ablate(z, h, -2))
@@ -179,8 +203,8 @@ def _ablate_cases(hidden: bool):
         rng = _t.default_rng(19)
         return [Case((_normal(rng, 4, 3, 5, 6), 2), names,
                      "z is (batch, n_head, seq, d_head) = (4, 3, 5, 6); head = 2."),
-                Case((_normal(rng, 3, 7, 4, 5), 1), names,
-                     "z is (batch, n_head, seq, d_head) = (3, 7, 4, 5); head = 1.")]
+                Case((_normal(rng, 2, 3, 7, 4, 5), 1), names,
+                     "z has two batch axes here: (2, 3, n_head=7, seq=4, d_head=5); head = 1.")]
     rng = _t.default_rng(119)
     return [Case((_normal(rng, 2, 2, 4, 6, 3), 3), names,
                  "z has two batch axes here: (2, 2, n_head=4, 6, 3); head = 3."),
@@ -202,15 +226,22 @@ ABLATE_HEAD = Exercise(
 # --- logit lens --------------------------------------------------------------------------------
 
 
-def _lens(resid, gamma, beta, wte, *, norm=True, affine=True, ddof=0, axis=-1):
+def _lens(resid, gamma, beta, wte, *, norm=True, affine=True, ddof=0, axis=-1, center=True,
+          eps_inside=True):
     x = resid
     if norm:
-        mean = x.mean(axis=axis, keepdims=True)
-        var = x.var(axis=axis, keepdims=True, ddof=ddof)
-        x = (x - mean) / np.sqrt(var + 1e-5)
+        mean = x.mean(axis=axis, keepdims=True) if center else 0.0
+        var = ((x - mean) ** 2).mean(axis=axis, keepdims=True) * (
+            x.shape[axis] / (x.shape[axis] - ddof))
+        x = (x - mean) / (np.sqrt(var + 1e-5) if eps_inside else np.sqrt(var) + 1e-5)
         if affine:
             x = x * gamma + beta
     return x @ np.swapaxes(wte, -1, -2)
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _lens_mistakes(resid, gamma, beta, wte):
@@ -223,8 +254,31 @@ def _lens_mistakes(resid, gamma, beta, wte):
         "(x_hat * gamma + beta) @ wte.T.",
         lambda r, g, b, w: _lens(r, g, b, w, affine=False))
     yield Mistake(
+        "{name} scales by gamma but leaves out beta: the final layer norm is "
+        "x_hat * gamma + beta.",
+        lambda r, g, b, w: _lens(r, g, np.zeros_like(b), w))
+    yield Mistake(
+        "{name} adds beta but leaves out gamma: the final layer norm is x_hat * gamma + beta.",
+        lambda r, g, b, w: _lens(r, np.ones_like(g), b, w))
+    yield Mistake(
         "{name} uses the unbiased variance (ddof=1); layer norm divides by d_model (ddof=0).",
         lambda r, g, b, w: _lens(r, g, b, w, ddof=1))
+    yield Mistake(
+        "{name} adds eps outside the square root, sqrt(var) + eps; layer norm divides by "
+        "sqrt(var + eps).",
+        lambda r, g, b, w: _lens(r, g, b, w, eps_inside=False))
+    yield Mistake(
+        "{name} does not subtract the mean: that is RMS norm (chapter 14). The final layer "
+        "norm of this model centres each vector first: (x - mean) / sqrt(var + eps).",
+        lambda r, g, b, w: _lens(r, g, b, w, center=False))
+    yield Mistake(
+        "{name} returns probabilities (a softmax over the vocabulary); the lens returns "
+        "logits, layer_norm(resid, gamma, beta) @ wte.T, as the model's forward does.",
+        lambda r, g, b, w: _softmax(_lens(r, g, b, w)))
+    yield Mistake(
+        "{name} returns log-probabilities (a log-softmax over the vocabulary); the lens "
+        "returns logits, layer_norm(resid, gamma, beta) @ wte.T, as the model's forward does.",
+        lambda r, g, b, w: np.log(_softmax(_lens(r, g, b, w))))
     if resid.ndim >= 2 and resid.shape[-2] > 1:
         yield Mistake(
             "{name} normalises over the sequence axis; layer norm works on each position's "
@@ -243,9 +297,9 @@ def _lens_cases(hidden: bool):
     names = ("resid", "gamma", "beta", "wte")
     if not hidden:
         rng = _t.default_rng(20)
-        return [Case(_lens_args(rng, 2, 5, d_model=8, vocab=11), names,
-                     "resid is (batch, seq, d_model) = (2, 5, 8); wte is (vocab, d_model) = "
-                     "(11, 8).")]
+        return [Case(_lens_args(rng, 2, 5, d_model=12, vocab=9), names,
+                     "resid is (batch, seq, d_model) = (2, 5, 12); wte is (vocab, d_model) = "
+                     "(9, 12).")]
     rng = _t.default_rng(120)
     return [Case(_lens_args(rng, 7, d_model=6, vocab=9), names, "resid is (seq, d_model) here."),
             Case(_lens_args(rng, 2, 3, 4, d_model=16, vocab=5), names,
