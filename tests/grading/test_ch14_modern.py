@@ -58,11 +58,12 @@ def softmax(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v, causal=True, scale=True):
-    s = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) if scale else 1.0)
+def attention(q, k, v, causal=True, scale=True, diagonal=0):
+    """diagonal=-1: the off-by-one mask that hides each query's own key too (nan in row 0)."""
+    s = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) if scale is True else scale)
     if causal:
         n = s.shape[-1]
-        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+        s = np.where(np.tril(np.ones((n, n), dtype=bool), k=diagonal), s, -np.inf)
     return softmax(s) @ v
 
 
@@ -104,11 +105,11 @@ def repeat_kv_loop(x, n_rep):
     return np.stack(heads, axis=-3)
 
 
-def gqa(q, k, v, tiled=False, causal=True):
+def gqa(q, k, v, tiled=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
     rep = (lambda t: np.concatenate([t] * n_rep, axis=-3)) if tiled else (
         lambda t: np.repeat(t, n_rep, axis=-3))
-    return attention(q, rep(k), rep(v), causal=causal)
+    return attention(q, rep(k), rep(v), **attend)
 
 
 def gqa_grouped(q, k, v):
@@ -131,6 +132,9 @@ DECLARED = [
              "sum of x**2"),
             (lambda x, g: rms_norm(x, 1.0), "forgets to scale by gamma"),
             (lambda x, g: rms_norm(x, g, eps=0.0), "leaves out eps"),
+            (lambda x, g: rms_norm(x, g, eps=1e-6), "eps = 1e-6"),
+            (lambda x, g: x / (np.mean(x**2, -1, keepdims=True) + 1e-5) * g, "mean square itself"),
+            (lambda x, g: x / np.sqrt(np.mean(x**2) + 1e-5) * g, "over the whole array"),
         ],
         alternatives=[rms_norm,
                       lambda x, g: x / np.sqrt(np.einsum("...d,...d->...", x, x)[..., None]
@@ -144,6 +148,7 @@ DECLARED = [
             (lambda x, s: rope(x, s, base=1000.0), "base 1000"),
             (lambda x, s: rope(x, s, base=500000.0), "base 500000"),
             (lambda x, s: rope(x, s, exponent=1), "exponent -i / d_head"),
+            (lambda x, s: rope(x, s, exponent=-2), "minus sign"),
             (lambda x, s: rope(x, s, sign=-1.0), "rotates the wrong way"),
             (lambda x, s: rope(x, 0), "ignores start"),
             (lambda x, s: rope(x, s + 1), "start + 1"),
@@ -157,7 +162,14 @@ DECLARED = [
             (lambda q, k, v: rotary_attention(q, k, v, rot_k=False), "forgets to rotate the keys"),
             (lambda q, k, v: rotary_attention(q, k, v, causal=False), "no causal mask"),
             (lambda q, k, v: rotary_attention(q, k, v, interleaved=True), "(2i, 2i+1)"),
-            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=False), "sqrt(d_head)"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=1.0), "sqrt(d_head)"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=q.shape[-1]),
+             "divides the scores by d_head"),
+            (lambda q, k, v: attention(q, k, v), "rotates neither q nor k"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, diagonal=-1),
+             ["returned nan", "also masks the diagonal"]),
+            (lambda q, k, v: np.nan_to_num(attention(rope(q, 0), rope(k, 0), v, diagonal=-1)),
+             "also masks the diagonal"),
         ],
         alternatives=[rotary_attention, rotary_attention_torch,
                       lambda q, k, v: attention(rope_complex(q, 0), rope_rotate_half(k, 0), v)],
@@ -191,6 +203,9 @@ DECLARED = [
         mistakes=[
             (lambda q, k, v: gqa(q, k, v, tiled=True), "h % n_kv_head"),
             (lambda q, k, v: gqa(q, k, v, causal=False), "no causal mask"),
+            (lambda q, k, v: gqa(q, k, v, scale=1.0), "sqrt(d_head)"),
+            (lambda q, k, v: gqa(q, k, v, scale=q.shape[-1]), "divides the scores by d_head"),
+            (lambda q, k, v: gqa(q, k, v, diagonal=-1), ["returned nan", "masks the diagonal"]),
         ],
         alternatives=[gqa, gqa_grouped,
                       lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,

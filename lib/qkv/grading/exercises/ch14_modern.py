@@ -36,10 +36,12 @@ BASE = 10000.0
 
 
 def _rms_variant(x, gamma, *, eps=1e-5, center=False, eps_outside=False, use_gamma=True,
-                 total=False, axis=-1):
+                 total=False, axis=-1, root=True):
     if center:
         x = x - x.mean(axis=axis, keepdims=True)
     ms = (x * x).sum(axis=axis, keepdims=True) if total else (x * x).mean(axis=axis, keepdims=True)
+    if not root:
+        return x / (ms + eps) * gamma
     rms = np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps)
     return x / rms * (gamma if use_gamma else 1.0)
 
@@ -54,12 +56,22 @@ def _rms_mistakes(x, gamma):
     yield Mistake("{name} puts eps outside the square root; it belongs inside: "
                   "sqrt(mean(x**2) + eps).", v(eps_outside=True))
     yield Mistake("{name} leaves out eps (1e-5 by default, inside the square root).", v(eps=0.0))
+    # Hugging Face's Llama configs often say rms_norm_eps=1e-6; a copied constant looks like a
+    # float32 rounding problem unless it is named.
+    yield Mistake("{name} uses eps = 1e-6; use the eps argument, 1e-5 by default: "
+                  "sqrt(mean(x**2) + eps).", v(eps=1e-6))
+    yield Mistake("{name} divides by the mean square itself; divide by its square root: "
+                  "x / sqrt(mean(x**2) + eps) * gamma.", v(root=False))
     yield Mistake("{name} uses the sum of x**2, not its mean: divide by "
                   "sqrt(mean(x**2, axis=-1) + eps).", v(total=True))
     yield Mistake("{name} forgets to scale by gamma: return x / rms * gamma.", v(use_gamma=False))
     for axis in range(-x.ndim, -1):
         yield Mistake(f"{{name}} takes the mean along axis {axis}; each vector x[..., :] (the "
                       "last axis) gets its own root mean square.", v(axis=axis))
+    if x.ndim > 1:
+        yield Mistake("{name} takes one mean over the whole array; each vector x[..., :] gets "
+                      "its own root mean square: np.mean(x**2, axis=-1, keepdims=True).",
+                      v(axis=None))
 
 
 def _rms_args(rng, *shape, scale=2.0, shift=1.0, dtype=np.float64):
@@ -128,6 +140,9 @@ def _rope_mistakes(x, start):
                       "theta_i = 10000 ** (-2 i / d_head).", v(base=base))
     yield Mistake("{name} uses the exponent -i / d_head; the frequencies are "
                   "theta_i = 10000 ** (-2 i / d_head), i = 0 .. d_head/2 - 1.", v(step=1))
+    yield Mistake("{name} drops the minus sign of the exponent: its frequencies grow with i. "
+                  "They fall from 1 towards 1/10000: theta_i = 10000 ** (-2 i / d_head).",
+                  v(step=-2))
     yield Mistake("{name} rotates the wrong way: pair (a, b) becomes "
                   "(a cos - b sin, a sin + b cos).", v(sign=-1.0))
     if start:
@@ -168,15 +183,42 @@ ROPE = Exercise(
 # --- attention with RoPE -------------------------------------------------------------------------
 
 
-def _rotary_variant(q, k, v, *, rot_q=True, rot_k=True, rot_v=False, causal=True, scale=True,
-                    layout="half"):
+def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True):
+    """Causal attention, or a wrong variant: scale "sqrt" | "none" | "d" (divides by d_head);
+    diagonal "nan" or "zero" also masks each query's own key, as `np.triu(..., k=0)` does; then
+    query 0 sees nothing, and a plain softmax gives it nan (a guarded one, zeros)."""
+    d_head = q.shape[-1]
+    if scale == "none":
+        q = q * math.sqrt(d_head)  # undoes the reference's 1/sqrt(d_head)
+    elif scale == "d":
+        q = q / math.sqrt(d_head)
+    if diagonal is True:
+        return _ref_attention(q, k, v, causal=causal)
+    seq = q.shape[-2]
+    out = _ref_attention(q, k, v, mask=np.tri(seq, seq, -1, dtype=bool))  # row 0: zeros
+    if diagonal == "nan":
+        out[..., 0, :] = np.nan
+    return out
+
+
+def _rotary_variant(q, k, v, *, rot_q=True, rot_k=True, rot_v=False, layout="half", **attend):
     def r(t, on):
         return _rope_variant(t, 0, layout=layout) if on else t
 
-    q, k, v = r(q, rot_q), r(k, rot_k), r(v, rot_v)
-    if not scale:
-        q = q * math.sqrt(q.shape[-1])  # undoes the reference's 1/sqrt(d_head)
-    return _ref_attention(q, k, v, causal=causal)
+    return _attend(r(q, rot_q), r(k, rot_k), r(v, rot_v), **attend)
+
+
+def _attention_mistakes(var):
+    """The mistakes of the attention around RoPE or GQA, each made by ``var(**knobs)``."""
+    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
+                  var(causal=False))
+    for diagonal in ("nan", "zero"):
+        yield Mistake("{name} also masks the diagonal: a position attends to itself and the "
+                      "past (key j <= query i), so only the keys after it (j > i) are hidden.",
+                      var(diagonal=diagonal))
+    yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale="none"))
+    yield Mistake("{name} divides the scores by d_head; the scale is 1 / sqrt(d_head).",
+                  var(scale="d"))
 
 
 def _rotary_mistakes(q, k, v):
@@ -190,9 +232,9 @@ def _rotary_mistakes(q, k, v):
     yield Mistake("{name} forgets to rotate the queries: rotate both q and k.", var(rot_q=False))
     yield Mistake("{name} rotates the keys but also the values, not the queries: rotate q and k.",
                   var(rot_q=False, rot_v=True))
-    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
-                  var(causal=False))
-    yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale=False))
+    yield Mistake("{name} rotates neither q nor k: that is plain causal attention. Rotate both, "
+                  "rope(q, 0) and rope(k, 0), before the scores.", var(rot_q=False, rot_k=False))
+    yield from _attention_mistakes(var)
     yield Mistake("{name} rotates neighbouring coordinates (2i, 2i+1); pair i here is "
                   "(i, i + d_head/2), the half-split layout.", var(layout="interleaved"))
 
@@ -290,7 +332,7 @@ SWIGLU = Exercise(
 def _repeat_kv_mistakes(x, n_rep):
     n_rep = int(n_rep)
     yield Mistake("{name} tiles the whole stack of heads (kv0 kv1 kv0 kv1 ...); repeat each head "
-                  "in place (kv0 kv0 kv1 kv1 ...), so that query head h reads K/V head "
+                  "next to itself (kv0 kv0 kv1 kv1 ...), so that query head h reads K/V head "
                   "h // n_rep: np.repeat(x, n_rep, axis=-3).",
                   lambda x, n: _concat([x] * n_rep, axis=-3))
     yield Mistake("{name} repeats along the seq axis; the heads axis is -3 of (..., n_kv_head, "
@@ -321,21 +363,22 @@ REPEAT_KV = Exercise(
 )
 
 
-def _gqa_variant(q, k, v, *, tiled=False, causal=True):
+def _gqa_variant(q, k, v, *, tiled=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
 
     def rep(t):
         return _concat([t] * n_rep, axis=-3) if tiled else _repeat(t, n_rep, axis=-3)
 
-    return _ref_attention(q, rep(k), rep(v), causal=causal)
+    return _attend(q, rep(k), rep(v), **attend)
 
 
 def _gqa_mistakes(q, k, v):
     yield Mistake("{name} pairs query head h with K/V head h % n_kv_head (the K/V stack tiled); "
-                  "it belongs to group h // (n_head // n_kv_head): repeat each K/V head in "
-                  "place.", lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
-    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
-                  lambda q, k, v: _gqa_variant(q, k, v, causal=False))
+                  "it belongs to group h // (n_head // n_kv_head): repeat each K/V head next "
+                  "to itself (np.repeat, not np.tile).",
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
+    yield from _attention_mistakes(
+        lambda **knobs: lambda q, k, v: _gqa_variant(q, k, v, **knobs))
     yield Mistake("{name} tiles the K/V heads and has no causal mask.",
                   lambda q, k, v: _gqa_variant(q, k, v, tiled=True, causal=False))
 
