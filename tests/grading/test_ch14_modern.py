@@ -1,6 +1,7 @@
 """Chapter 14's exercises: rms_norm, rope, rotary_attention, swiglu, repeat_kv,
-grouped_query_attention. Mistakes are written the way a learner would write them; the
-alternatives differ from the references (complex numbers, einsum, loops, torch, float32)."""
+grouped_query_attention, qk_norm_attention. Mistakes are written the way a learner would write
+them; the alternatives differ from the references (complex numbers, einsum, loops, torch,
+float32)."""
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ from grading_meta import Declared, meta_tests
 
 from qkv.grading import (
     check_grouped_query_attention,
+    check_qk_norm_attention,
     check_repeat_kv,
     check_rms_norm,
     check_rope,
@@ -82,6 +84,34 @@ def rotary_attention_torch(q, k, v):
         return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
 
     return F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+
+
+def qk_norm_attention(q, k, v, gq, gk, rope_first=False, norm_v=False, norm_k=True, axis=-1,
+                      center=False, **attend):
+    def norm(t, g):
+        if center:
+            t = t - t.mean(axis=axis, keepdims=True)
+        return t / np.sqrt(np.mean(t**2, axis=axis, keepdims=True) + 1e-5) * g
+
+    if rope_first:
+        q, k = norm(rope(q, 0), gq), norm(rope(k, 0), gk)
+    else:
+        q, k = rope(norm(q, gq), 0), rope(norm(k, gk) if norm_k else k, 0)
+    return attention(q, k, norm(v, gk) if norm_v else v, **attend)
+
+
+def qk_norm_attention_torch(q, k, v, gq, gk):
+    """torch's own RMSNorm and attention around a rotation written with torch ops."""
+    def rot(t):
+        seq, d = t.shape[-2:]
+        ang = torch.arange(seq, dtype=t.dtype)[:, None] * 10000.0 ** (
+            -torch.arange(0, d, 2, dtype=t.dtype) / d)
+        a, b = t[..., : d // 2], t[..., d // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
+
+    d = q.shape[-1]
+    q, k = rot(F.rms_norm(q, (d,), gq, 1e-5)), rot(F.rms_norm(k, (d,), gk, 1e-5))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def silu(z):
@@ -212,5 +242,23 @@ DECLARED = [
                                                                      enable_gqa=True)],
     ),
 ]
+
+DECLARED.append(Declared(
+    check_qk_norm_attention,
+    mistakes=[
+        (lambda *a: qk_norm_attention(*a, rope_first=True), "rotates before it normalises"),
+        (lambda q, k, v, gq, gk: attention(rms_norm(q, gq), rms_norm(k, gk), v),
+         "leaves out RoPE"),
+        (lambda *a: qk_norm_attention(*a, norm_v=True), "also normalises the values"),
+        (lambda *a: qk_norm_attention(*a, norm_k=False), "normalises q but not k"),
+        (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, gk, gq), "swaps the scales"),
+        (lambda *a: qk_norm_attention(*a, center=True), "that is layer norm"),
+        (lambda *a: qk_norm_attention(*a, axis=-2), "along the seq axis"),
+        (lambda *a: qk_norm_attention(*a, causal=False), "no causal mask"),
+        (lambda *a: qk_norm_attention(*a, scale=1.0), "sqrt(d_head)"),
+    ],
+    alternatives=[qk_norm_attention, qk_norm_attention_torch,
+                  lambda q, k, v, gq, gk: rotary_attention(rms_norm(q, gq), rms_norm(k, gk), v)],
+))
 
 globals().update(meta_tests(DECLARED))

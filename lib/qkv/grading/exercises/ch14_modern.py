@@ -1,5 +1,5 @@
-"""Chapter 14, the modern decoder: RMSNorm, RoPE, attention with RoPE, SwiGLU, repeat_kv and
-grouped-query attention.
+"""Chapter 14, the modern decoder: RMSNorm, RoPE, attention with RoPE, SwiGLU, repeat_kv,
+grouped-query attention and QK-norm.
 
 The references are qkv.np's own functions, captured here at import (before learner code runs).
 The catalogues hold the wrong answers the chapter warns about: an RMSNorm that subtracts the
@@ -315,6 +315,86 @@ def _swiglu_cases(hidden):
             Case(_swiglu_args(rng, (2, 2, 3, 8), 8), names)]
 
 
+# --- QK-norm -------------------------------------------------------------------------------------
+
+
+def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=False,
+                     norm_q=True, norm_k=True, swap=False, center=False, axis=-1, **attend):
+    """RMSNorm on q and k (each with its own gamma), then RoPE, then causal attention; the
+    knobs make the wrong versions (order "rope-norm" rotates first)."""
+    if swap:
+        gamma_q, gamma_k = gamma_k, gamma_q
+
+    def norm(t, g, on):
+        return _rms_variant(t, g, center=center, axis=axis) if on else t
+
+    def rot(t):
+        return _rope_variant(t, 0)
+
+    if order == "rope-norm":
+        q, k = norm(rot(q), gamma_q, norm_q), norm(rot(k), gamma_k, norm_k)
+    else:
+        q, k = norm(q, gamma_q, norm_q), norm(k, gamma_k, norm_k)
+        if order == "norm-rope":
+            q, k = rot(q), rot(k)
+    return _attend(q, k, norm(v, gamma_k, norm_v), **attend)
+
+
+def _qk_norm_mistakes(q, k, v, gamma_q, gamma_k):
+    def var(**knobs):
+        return lambda q, k, v, gq, gk: _qk_norm_variant(q, k, v, gq, gk, **knobs)
+
+    yield Mistake("{name} rotates before it normalises: RMSNorm (with gamma) comes first, then "
+                  "RoPE, as in rotary_attention(rms_norm(q, gamma_q), rms_norm(k, gamma_k), v).",
+                  var(order="rope-norm"))
+    yield Mistake("{name} leaves out RoPE: after the norm, q and k are rotated by position.",
+                  var(order="norm"))
+    yield Mistake("{name} also normalises the values; QK-norm touches q and k only (v carries "
+                  "the content, and its size is not a logit).", var(norm_v=True))
+    yield Mistake("{name} normalises q but not k: both get RMSNorm.", var(norm_k=False))
+    yield Mistake("{name} normalises k but not q: both get RMSNorm.", var(norm_q=False))
+    yield Mistake("{name} swaps the scales: gamma_q goes with q and gamma_k with k.",
+                  var(swap=True))
+    yield Mistake("{name} subtracts the mean: that is layer norm. QK-norm here is RMSNorm, "
+                  "x / sqrt(mean(x**2) + eps) * gamma.", var(center=True))
+    yield Mistake("{name} normalises along the seq axis; each row of q and k (its d_head "
+                  "numbers, the last axis) gets its own root mean square.", var(axis=-2))
+    yield from _attention_mistakes(var)
+
+
+def _qk_norm_args(rng, *lead, seq, d_head, scale=1.0, dtype=np.float64):
+    q, k, v = (_normal(rng, *lead, seq, d_head, scale=s, dtype=dtype) for s in (scale, scale, 1.0))
+    gammas = (1.0 + 0.3 * rng.normal(size=(2, d_head))).astype(dtype)
+    return q, k, v, gammas[0], gammas[1]
+
+
+def _qk_norm_cases(hidden):
+    names = ("q", "k", "v", "gamma_q", "gamma_k")
+    if not hidden:
+        rng = _t.default_rng(1407)
+        return [Case(_qk_norm_args(rng, seq=5, d_head=8), names),
+                Case(_qk_norm_args(rng, 2, 3, seq=6, d_head=16, scale=50.0), names,
+                     "q and k are 50 times larger than usual here, and (batch, n_head, seq, "
+                     "d_head).")]
+    rng = _t.default_rng(14107)
+    return [Case(_qk_norm_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
+                 "float32 here."),
+            Case(_qk_norm_args(rng, seq=1, d_head=8), names, "seq = 1 here."),
+            Case(_qk_norm_args(rng, 3, seq=9, d_head=32, scale=1e-3), names,
+                 "q and k are tiny here (root mean square about 1e-3), so eps matters.")]
+
+
+QK_NORM_ATTENTION = Exercise(
+    name="qk_norm_attention",
+    reference=lambda q, k, v, gq, gk: _qk_norm_variant(q, k, v, gq, gk),
+    visible=lambda: _qk_norm_cases(False),
+    hidden=lambda: _qk_norm_cases(True),
+    mistakes=_qk_norm_mistakes,
+    doc="qk_norm_attention(q, k, v, gamma_q, gamma_k): causal attention of rope(rms_norm(q, "
+        "gamma_q)), rope(rms_norm(k, gamma_k)) and v (rows at positions 0..seq-1, eps 1e-5); "
+        "q, k, v (..., seq, d_head), gamma_q and gamma_k (d_head,).",
+)
+
 SWIGLU = Exercise(
     name="swiglu",
     reference=_swiglu_ref,
@@ -417,4 +497,5 @@ GROUPED_QUERY_ATTENTION = Exercise(
         "d_head) -> (..., n_head, seq, d_head).",
 )
 
-EXERCISES = [RMS_NORM, ROPE, ROTARY_ATTENTION, SWIGLU, REPEAT_KV, GROUPED_QUERY_ATTENTION]
+EXERCISES = [RMS_NORM, ROPE, ROTARY_ATTENTION, SWIGLU, REPEAT_KV, GROUPED_QUERY_ATTENTION,
+             QK_NORM_ATTENTION]
