@@ -252,6 +252,11 @@ DECLARED.append(Declared(
         (lambda *a: qk_norm_attention(*a, norm_v=True), "also normalises the values"),
         (lambda *a: qk_norm_attention(*a, norm_k=False), "normalises q but not k"),
         (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, gk, gq), "swaps the scales"),
+        (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, gq, gq), "both q and k by gamma_q"),
+        (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, 1.0, 1.0), "learned scales"),
+        (lambda q, k, v, gq, gk: rotary_attention(
+            q / np.linalg.norm(q, axis=-1, keepdims=True) * gq,
+            k / np.linalg.norm(k, axis=-1, keepdims=True) * gk, v), "the length sqrt(sum"),
         (lambda *a: qk_norm_attention(*a, center=True), "that is layer norm"),
         (lambda *a: qk_norm_attention(*a, axis=-2), "along the seq axis"),
         (lambda *a: qk_norm_attention(*a, causal=False), "no causal mask"),

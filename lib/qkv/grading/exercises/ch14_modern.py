@@ -5,7 +5,8 @@ The references are qkv.np's own functions, captured here at import (before learn
 The catalogues hold the wrong answers the chapter warns about: an RMSNorm that subtracts the
 mean, RoPE with the wrong pairs (interleaved instead of half-split), another frequency base,
 positions not shifted by ``start`` (a KV cache's offset), rotated values or unrotated keys, a
-SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated.
+SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated, QK-norm after RoPE instead
+of before it.
 """
 
 import math
@@ -319,14 +320,18 @@ def _swiglu_cases(hidden):
 
 
 def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=False,
-                     norm_q=True, norm_k=True, swap=False, center=False, axis=-1, **attend):
+                     norm_q=True, norm_k=True, gammas="qk", center=False, axis=-1, total=False,
+                     use_gamma=True, **attend):
     """RMSNorm on q and k (each with its own gamma), then RoPE, then causal attention; the
-    knobs make the wrong versions (order "rope-norm" rotates first)."""
-    if swap:
-        gamma_q, gamma_k = gamma_k, gamma_q
+    knobs make the wrong versions (order "rope-norm" rotates first; gammas "kq" swaps the
+    scales, "qq" and "kk" use one of them for both)."""
+    named = {"q": gamma_q, "k": gamma_k}
+    gamma_q, gamma_k = named[gammas[0]], named[gammas[1]]
 
     def norm(t, g, on):
-        return _rms_variant(t, g, center=center, axis=axis) if on else t
+        # the length, np.linalg.norm, comes without an eps
+        return _rms_variant(t, g, center=center, axis=axis, total=total, use_gamma=use_gamma,
+                            eps=0.0 if total else 1e-5) if on else t
 
     def rot(t):
         return _rope_variant(t, 0)
@@ -354,7 +359,15 @@ def _qk_norm_mistakes(q, k, v, gamma_q, gamma_k):
     yield Mistake("{name} normalises q but not k: both get RMSNorm.", var(norm_k=False))
     yield Mistake("{name} normalises k but not q: both get RMSNorm.", var(norm_q=False))
     yield Mistake("{name} swaps the scales: gamma_q goes with q and gamma_k with k.",
-                  var(swap=True))
+                  var(gammas="kq"))
+    for one in ("q", "k"):
+        yield Mistake(f"{{name}} scales both q and k by gamma_{one}; each has its own: "
+                      "gamma_q for q, gamma_k for k.", var(gammas=one + one))
+    yield Mistake("{name} leaves out the learned scales: multiply the normalised q by gamma_q "
+                  "and k by gamma_k.", var(use_gamma=False))
+    yield Mistake("{name} divides by the length sqrt(sum(x**2)); RMSNorm divides by the root "
+                  "mean square, sqrt(mean(x**2) + eps), sqrt(d_head) times smaller.",
+                  var(total=True))
     yield Mistake("{name} subtracts the mean: that is layer norm. QK-norm here is RMSNorm, "
                   "x / sqrt(mean(x**2) + eps) * gamma.", var(center=True))
     yield Mistake("{name} normalises along the seq axis; each row of q and k (its d_head "
