@@ -792,6 +792,7 @@ def test_notebook_points():
         ("modern_decoder", "rms-tests"): 2, ("modern_decoder", "rope-tests"): 3,
         ("modern_decoder", "rotary-tests"): 2, ("modern_decoder", "swiglu-tests"): 2,
         ("modern_decoder", "repeat-tests"): 1, ("modern_decoder", "gqa-tests"): 2,
+        ("modern_decoder", "qknorm-tests"): 1,
         ("training_at_scale", "flops-tests"): 2, ("training_at_scale", "memory-tests"): 3,
         ("training_at_scale", "allreduce-tests"): 3, ("training_at_scale", "accum-tests"): 2,
         ("inside_a_model", "prev-tests"): 2, ("inside_a_model", "ind-tests"): 2,

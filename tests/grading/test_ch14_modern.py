@@ -1,6 +1,7 @@
 """Chapter 14's exercises: rms_norm, rope, rotary_attention, swiglu, repeat_kv,
-grouped_query_attention. Mistakes are written the way a learner would write them; the
-alternatives differ from the references (complex numbers, einsum, loops, torch, float32)."""
+grouped_query_attention, qk_norm_attention. Mistakes are written the way a learner would write
+them; the alternatives differ from the references (complex numbers, einsum, loops, torch,
+float32)."""
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ from grading_meta import Declared, meta_tests
 
 from qkv.grading import (
     check_grouped_query_attention,
+    check_qk_norm_attention,
     check_repeat_kv,
     check_rms_norm,
     check_rope,
@@ -58,11 +60,12 @@ def softmax(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v, causal=True, scale=True):
-    s = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) if scale else 1.0)
+def attention(q, k, v, causal=True, scale=True, diagonal=0):
+    """diagonal=-1: the off-by-one mask that hides each query's own key too (nan in row 0)."""
+    s = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) if scale is True else scale)
     if causal:
         n = s.shape[-1]
-        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+        s = np.where(np.tril(np.ones((n, n), dtype=bool), k=diagonal), s, -np.inf)
     return softmax(s) @ v
 
 
@@ -81,6 +84,34 @@ def rotary_attention_torch(q, k, v):
         return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
 
     return F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+
+
+def qk_norm_attention(q, k, v, gq, gk, rope_first=False, norm_v=False, norm_k=True, axis=-1,
+                      center=False, **attend):
+    def norm(t, g):
+        if center:
+            t = t - t.mean(axis=axis, keepdims=True)
+        return t / np.sqrt(np.mean(t**2, axis=axis, keepdims=True) + 1e-5) * g
+
+    if rope_first:
+        q, k = norm(rope(q, 0), gq), norm(rope(k, 0), gk)
+    else:
+        q, k = rope(norm(q, gq), 0), rope(norm(k, gk) if norm_k else k, 0)
+    return attention(q, k, norm(v, gk) if norm_v else v, **attend)
+
+
+def qk_norm_attention_torch(q, k, v, gq, gk):
+    """torch's own RMSNorm and attention around a rotation written with torch ops."""
+    def rot(t):
+        seq, d = t.shape[-2:]
+        ang = torch.arange(seq, dtype=t.dtype)[:, None] * 10000.0 ** (
+            -torch.arange(0, d, 2, dtype=t.dtype) / d)
+        a, b = t[..., : d // 2], t[..., d // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1)
+
+    d = q.shape[-1]
+    q, k = rot(F.rms_norm(q, (d,), gq, 1e-5)), rot(F.rms_norm(k, (d,), gk, 1e-5))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def silu(z):
@@ -104,11 +135,11 @@ def repeat_kv_loop(x, n_rep):
     return np.stack(heads, axis=-3)
 
 
-def gqa(q, k, v, tiled=False, causal=True):
+def gqa(q, k, v, tiled=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
     rep = (lambda t: np.concatenate([t] * n_rep, axis=-3)) if tiled else (
         lambda t: np.repeat(t, n_rep, axis=-3))
-    return attention(q, rep(k), rep(v), causal=causal)
+    return attention(q, rep(k), rep(v), **attend)
 
 
 def gqa_grouped(q, k, v):
@@ -131,6 +162,9 @@ DECLARED = [
              "sum of x**2"),
             (lambda x, g: rms_norm(x, 1.0), "forgets to scale by gamma"),
             (lambda x, g: rms_norm(x, g, eps=0.0), "leaves out eps"),
+            (lambda x, g: rms_norm(x, g, eps=1e-6), "eps = 1e-6"),
+            (lambda x, g: x / (np.mean(x**2, -1, keepdims=True) + 1e-5) * g, "mean square itself"),
+            (lambda x, g: x / np.sqrt(np.mean(x**2) + 1e-5) * g, "over the whole array"),
         ],
         alternatives=[rms_norm,
                       lambda x, g: x / np.sqrt(np.einsum("...d,...d->...", x, x)[..., None]
@@ -144,6 +178,7 @@ DECLARED = [
             (lambda x, s: rope(x, s, base=1000.0), "base 1000"),
             (lambda x, s: rope(x, s, base=500000.0), "base 500000"),
             (lambda x, s: rope(x, s, exponent=1), "exponent -i / d_head"),
+            (lambda x, s: rope(x, s, exponent=-2), "minus sign"),
             (lambda x, s: rope(x, s, sign=-1.0), "rotates the wrong way"),
             (lambda x, s: rope(x, 0), "ignores start"),
             (lambda x, s: rope(x, s + 1), "start + 1"),
@@ -157,7 +192,14 @@ DECLARED = [
             (lambda q, k, v: rotary_attention(q, k, v, rot_k=False), "forgets to rotate the keys"),
             (lambda q, k, v: rotary_attention(q, k, v, causal=False), "no causal mask"),
             (lambda q, k, v: rotary_attention(q, k, v, interleaved=True), "(2i, 2i+1)"),
-            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=False), "sqrt(d_head)"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=1.0), "sqrt(d_head)"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, scale=q.shape[-1]),
+             "divides the scores by d_head"),
+            (lambda q, k, v: attention(q, k, v), "rotates neither q nor k"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, diagonal=-1),
+             ["returned nan", "also masks the diagonal"]),
+            (lambda q, k, v: np.nan_to_num(attention(rope(q, 0), rope(k, 0), v, diagonal=-1)),
+             "also masks the diagonal"),
         ],
         alternatives=[rotary_attention, rotary_attention_torch,
                       lambda q, k, v: attention(rope_complex(q, 0), rope_rotate_half(k, 0), v)],
@@ -191,11 +233,37 @@ DECLARED = [
         mistakes=[
             (lambda q, k, v: gqa(q, k, v, tiled=True), "h % n_kv_head"),
             (lambda q, k, v: gqa(q, k, v, causal=False), "no causal mask"),
+            (lambda q, k, v: gqa(q, k, v, scale=1.0), "sqrt(d_head)"),
+            (lambda q, k, v: gqa(q, k, v, scale=q.shape[-1]), "divides the scores by d_head"),
+            (lambda q, k, v: gqa(q, k, v, diagonal=-1), ["returned nan", "masks the diagonal"]),
         ],
         alternatives=[gqa, gqa_grouped,
                       lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                      enable_gqa=True)],
     ),
 ]
+
+DECLARED.append(Declared(
+    check_qk_norm_attention,
+    mistakes=[
+        (lambda *a: qk_norm_attention(*a, rope_first=True), "rotates before it normalises"),
+        (lambda q, k, v, gq, gk: attention(rms_norm(q, gq), rms_norm(k, gk), v),
+         "leaves out RoPE"),
+        (lambda *a: qk_norm_attention(*a, norm_v=True), "also normalises the values"),
+        (lambda *a: qk_norm_attention(*a, norm_k=False), "normalises q but not k"),
+        (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, gk, gq), "swaps the scales"),
+        (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, gq, gq), "both q and k by gamma_q"),
+        (lambda q, k, v, gq, gk: qk_norm_attention(q, k, v, 1.0, 1.0), "learned scales"),
+        (lambda q, k, v, gq, gk: rotary_attention(
+            q / np.linalg.norm(q, axis=-1, keepdims=True) * gq,
+            k / np.linalg.norm(k, axis=-1, keepdims=True) * gk, v), "the length sqrt(sum"),
+        (lambda *a: qk_norm_attention(*a, center=True), "that is layer norm"),
+        (lambda *a: qk_norm_attention(*a, axis=-2), "along the seq axis"),
+        (lambda *a: qk_norm_attention(*a, causal=False), "no causal mask"),
+        (lambda *a: qk_norm_attention(*a, scale=1.0), "sqrt(d_head)"),
+    ],
+    alternatives=[qk_norm_attention, qk_norm_attention_torch,
+                  lambda q, k, v, gq, gk: rotary_attention(rms_norm(q, gq), rms_norm(k, gk), v)],
+))
 
 globals().update(meta_tests(DECLARED))

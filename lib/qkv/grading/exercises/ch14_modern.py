@@ -1,11 +1,12 @@
-"""Chapter 14, the modern decoder: RMSNorm, RoPE, attention with RoPE, SwiGLU, repeat_kv and
-grouped-query attention.
+"""Chapter 14, the modern decoder: RMSNorm, RoPE, attention with RoPE, SwiGLU, repeat_kv,
+grouped-query attention and QK-norm.
 
 The references are qkv.np's own functions, captured here at import (before learner code runs).
 The catalogues hold the wrong answers the chapter warns about: an RMSNorm that subtracts the
 mean, RoPE with the wrong pairs (interleaved instead of half-split), another frequency base,
 positions not shifted by ``start`` (a KV cache's offset), rotated values or unrotated keys, a
-SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated.
+SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated, QK-norm after RoPE instead
+of before it.
 """
 
 import math
@@ -36,10 +37,12 @@ BASE = 10000.0
 
 
 def _rms_variant(x, gamma, *, eps=1e-5, center=False, eps_outside=False, use_gamma=True,
-                 total=False, axis=-1):
+                 total=False, axis=-1, root=True):
     if center:
         x = x - x.mean(axis=axis, keepdims=True)
     ms = (x * x).sum(axis=axis, keepdims=True) if total else (x * x).mean(axis=axis, keepdims=True)
+    if not root:
+        return x / (ms + eps) * gamma
     rms = np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps)
     return x / rms * (gamma if use_gamma else 1.0)
 
@@ -54,12 +57,22 @@ def _rms_mistakes(x, gamma):
     yield Mistake("{name} puts eps outside the square root; it belongs inside: "
                   "sqrt(mean(x**2) + eps).", v(eps_outside=True))
     yield Mistake("{name} leaves out eps (1e-5 by default, inside the square root).", v(eps=0.0))
+    # Hugging Face's Llama configs often say rms_norm_eps=1e-6; a copied constant looks like a
+    # float32 rounding problem unless it is named.
+    yield Mistake("{name} uses eps = 1e-6; use the eps argument, 1e-5 by default: "
+                  "sqrt(mean(x**2) + eps).", v(eps=1e-6))
+    yield Mistake("{name} divides by the mean square itself; divide by its square root: "
+                  "x / sqrt(mean(x**2) + eps) * gamma.", v(root=False))
     yield Mistake("{name} uses the sum of x**2, not its mean: divide by "
                   "sqrt(mean(x**2, axis=-1) + eps).", v(total=True))
     yield Mistake("{name} forgets to scale by gamma: return x / rms * gamma.", v(use_gamma=False))
     for axis in range(-x.ndim, -1):
         yield Mistake(f"{{name}} takes the mean along axis {axis}; each vector x[..., :] (the "
                       "last axis) gets its own root mean square.", v(axis=axis))
+    if x.ndim > 1:
+        yield Mistake("{name} takes one mean over the whole array; each vector x[..., :] gets "
+                      "its own root mean square: np.mean(x**2, axis=-1, keepdims=True).",
+                      v(axis=None))
 
 
 def _rms_args(rng, *shape, scale=2.0, shift=1.0, dtype=np.float64):
@@ -128,6 +141,9 @@ def _rope_mistakes(x, start):
                       "theta_i = 10000 ** (-2 i / d_head).", v(base=base))
     yield Mistake("{name} uses the exponent -i / d_head; the frequencies are "
                   "theta_i = 10000 ** (-2 i / d_head), i = 0 .. d_head/2 - 1.", v(step=1))
+    yield Mistake("{name} drops the minus sign of the exponent: its frequencies grow with i. "
+                  "They fall from 1 towards 1/10000: theta_i = 10000 ** (-2 i / d_head).",
+                  v(step=-2))
     yield Mistake("{name} rotates the wrong way: pair (a, b) becomes "
                   "(a cos - b sin, a sin + b cos).", v(sign=-1.0))
     if start:
@@ -168,15 +184,42 @@ ROPE = Exercise(
 # --- attention with RoPE -------------------------------------------------------------------------
 
 
-def _rotary_variant(q, k, v, *, rot_q=True, rot_k=True, rot_v=False, causal=True, scale=True,
-                    layout="half"):
+def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True):
+    """Causal attention, or a wrong variant: scale "sqrt" | "none" | "d" (divides by d_head);
+    diagonal "nan" or "zero" also masks each query's own key, as `np.triu(..., k=0)` does; then
+    query 0 sees nothing, and a plain softmax gives it nan (a guarded one, zeros)."""
+    d_head = q.shape[-1]
+    if scale == "none":
+        q = q * math.sqrt(d_head)  # undoes the reference's 1/sqrt(d_head)
+    elif scale == "d":
+        q = q / math.sqrt(d_head)
+    if diagonal is True:
+        return _ref_attention(q, k, v, causal=causal)
+    seq = q.shape[-2]
+    out = _ref_attention(q, k, v, mask=np.tri(seq, seq, -1, dtype=bool))  # row 0: zeros
+    if diagonal == "nan":
+        out[..., 0, :] = np.nan
+    return out
+
+
+def _rotary_variant(q, k, v, *, rot_q=True, rot_k=True, rot_v=False, layout="half", **attend):
     def r(t, on):
         return _rope_variant(t, 0, layout=layout) if on else t
 
-    q, k, v = r(q, rot_q), r(k, rot_k), r(v, rot_v)
-    if not scale:
-        q = q * math.sqrt(q.shape[-1])  # undoes the reference's 1/sqrt(d_head)
-    return _ref_attention(q, k, v, causal=causal)
+    return _attend(r(q, rot_q), r(k, rot_k), r(v, rot_v), **attend)
+
+
+def _attention_mistakes(var):
+    """The mistakes of the attention around RoPE or GQA, each made by ``var(**knobs)``."""
+    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
+                  var(causal=False))
+    for diagonal in ("nan", "zero"):
+        yield Mistake("{name} also masks the diagonal: a position attends to itself and the "
+                      "past (key j <= query i), so only the keys after it (j > i) are hidden.",
+                      var(diagonal=diagonal))
+    yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale="none"))
+    yield Mistake("{name} divides the scores by d_head; the scale is 1 / sqrt(d_head).",
+                  var(scale="d"))
 
 
 def _rotary_mistakes(q, k, v):
@@ -190,9 +233,9 @@ def _rotary_mistakes(q, k, v):
     yield Mistake("{name} forgets to rotate the queries: rotate both q and k.", var(rot_q=False))
     yield Mistake("{name} rotates the keys but also the values, not the queries: rotate q and k.",
                   var(rot_q=False, rot_v=True))
-    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
-                  var(causal=False))
-    yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale=False))
+    yield Mistake("{name} rotates neither q nor k: that is plain causal attention. Rotate both, "
+                  "rope(q, 0) and rope(k, 0), before the scores.", var(rot_q=False, rot_k=False))
+    yield from _attention_mistakes(var)
     yield Mistake("{name} rotates neighbouring coordinates (2i, 2i+1); pair i here is "
                   "(i, i + d_head/2), the half-split layout.", var(layout="interleaved"))
 
@@ -273,6 +316,98 @@ def _swiglu_cases(hidden):
             Case(_swiglu_args(rng, (2, 2, 3, 8), 8), names)]
 
 
+# --- QK-norm -------------------------------------------------------------------------------------
+
+
+def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=False,
+                     norm_q=True, norm_k=True, gammas="qk", center=False, axis=-1, total=False,
+                     use_gamma=True, **attend):
+    """RMSNorm on q and k (each with its own gamma), then RoPE, then causal attention; the
+    knobs make the wrong versions (order "rope-norm" rotates first; gammas "kq" swaps the
+    scales, "qq" and "kk" use one of them for both)."""
+    named = {"q": gamma_q, "k": gamma_k}
+    gamma_q, gamma_k = named[gammas[0]], named[gammas[1]]
+
+    def norm(t, g, on):
+        # the length, np.linalg.norm, comes without an eps
+        return _rms_variant(t, g, center=center, axis=axis, total=total, use_gamma=use_gamma,
+                            eps=0.0 if total else 1e-5) if on else t
+
+    def rot(t):
+        return _rope_variant(t, 0)
+
+    if order == "rope-norm":
+        q, k = norm(rot(q), gamma_q, norm_q), norm(rot(k), gamma_k, norm_k)
+    else:
+        q, k = norm(q, gamma_q, norm_q), norm(k, gamma_k, norm_k)
+        if order == "norm-rope":
+            q, k = rot(q), rot(k)
+    return _attend(q, k, norm(v, gamma_k, norm_v), **attend)
+
+
+def _qk_norm_mistakes(q, k, v, gamma_q, gamma_k):
+    def var(**knobs):
+        return lambda q, k, v, gq, gk: _qk_norm_variant(q, k, v, gq, gk, **knobs)
+
+    yield Mistake("{name} rotates before it normalises: RMSNorm (with gamma) comes first, then "
+                  "RoPE, as in rotary_attention(rms_norm(q, gamma_q), rms_norm(k, gamma_k), v).",
+                  var(order="rope-norm"))
+    yield Mistake("{name} leaves out RoPE: after the norm, q and k are rotated by position.",
+                  var(order="norm"))
+    yield Mistake("{name} also normalises the values; QK-norm touches q and k only (v carries "
+                  "the content, and its size is not a logit).", var(norm_v=True))
+    yield Mistake("{name} normalises q but not k: both get RMSNorm.", var(norm_k=False))
+    yield Mistake("{name} normalises k but not q: both get RMSNorm.", var(norm_q=False))
+    yield Mistake("{name} swaps the scales: gamma_q goes with q and gamma_k with k.",
+                  var(gammas="kq"))
+    for one in ("q", "k"):
+        yield Mistake(f"{{name}} scales both q and k by gamma_{one}; each has its own: "
+                      "gamma_q for q, gamma_k for k.", var(gammas=one + one))
+    yield Mistake("{name} leaves out the learned scales: multiply the normalised q by gamma_q "
+                  "and k by gamma_k.", var(use_gamma=False))
+    yield Mistake("{name} divides by the length sqrt(sum(x**2)); RMSNorm divides by the root "
+                  "mean square, sqrt(mean(x**2) + eps), sqrt(d_head) times smaller.",
+                  var(total=True))
+    yield Mistake("{name} subtracts the mean: that is layer norm. QK-norm here is RMSNorm, "
+                  "x / sqrt(mean(x**2) + eps) * gamma.", var(center=True))
+    yield Mistake("{name} normalises along the seq axis; each row of q and k (its d_head "
+                  "numbers, the last axis) gets its own root mean square.", var(axis=-2))
+    yield from _attention_mistakes(var)
+
+
+def _qk_norm_args(rng, *lead, seq, d_head, scale=1.0, dtype=np.float64):
+    q, k, v = (_normal(rng, *lead, seq, d_head, scale=s, dtype=dtype) for s in (scale, scale, 1.0))
+    gammas = (1.0 + 0.3 * rng.normal(size=(2, d_head))).astype(dtype)
+    return q, k, v, gammas[0], gammas[1]
+
+
+def _qk_norm_cases(hidden):
+    names = ("q", "k", "v", "gamma_q", "gamma_k")
+    if not hidden:
+        rng = _t.default_rng(1407)
+        return [Case(_qk_norm_args(rng, seq=5, d_head=8), names),
+                Case(_qk_norm_args(rng, 2, 3, seq=6, d_head=16, scale=50.0), names,
+                     "q and k are 50 times larger than usual here, and (batch, n_head, seq, "
+                     "d_head).")]
+    rng = _t.default_rng(14107)
+    return [Case(_qk_norm_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
+                 "float32 here."),
+            Case(_qk_norm_args(rng, seq=1, d_head=8), names, "seq = 1 here."),
+            Case(_qk_norm_args(rng, 3, seq=9, d_head=32, scale=1e-3), names,
+                 "q and k are tiny here (root mean square about 1e-3), so eps matters.")]
+
+
+QK_NORM_ATTENTION = Exercise(
+    name="qk_norm_attention",
+    reference=lambda q, k, v, gq, gk: _qk_norm_variant(q, k, v, gq, gk),
+    visible=lambda: _qk_norm_cases(False),
+    hidden=lambda: _qk_norm_cases(True),
+    mistakes=_qk_norm_mistakes,
+    doc="qk_norm_attention(q, k, v, gamma_q, gamma_k): causal attention of rope(rms_norm(q, "
+        "gamma_q)), rope(rms_norm(k, gamma_k)) and v (rows at positions 0..seq-1, eps 1e-5); "
+        "q, k, v (..., seq, d_head), gamma_q and gamma_k (d_head,).",
+)
+
 SWIGLU = Exercise(
     name="swiglu",
     reference=_swiglu_ref,
@@ -290,7 +425,7 @@ SWIGLU = Exercise(
 def _repeat_kv_mistakes(x, n_rep):
     n_rep = int(n_rep)
     yield Mistake("{name} tiles the whole stack of heads (kv0 kv1 kv0 kv1 ...); repeat each head "
-                  "in place (kv0 kv0 kv1 kv1 ...), so that query head h reads K/V head "
+                  "next to itself (kv0 kv0 kv1 kv1 ...), so that query head h reads K/V head "
                   "h // n_rep: np.repeat(x, n_rep, axis=-3).",
                   lambda x, n: _concat([x] * n_rep, axis=-3))
     yield Mistake("{name} repeats along the seq axis; the heads axis is -3 of (..., n_kv_head, "
@@ -321,21 +456,22 @@ REPEAT_KV = Exercise(
 )
 
 
-def _gqa_variant(q, k, v, *, tiled=False, causal=True):
+def _gqa_variant(q, k, v, *, tiled=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
 
     def rep(t):
         return _concat([t] * n_rep, axis=-3) if tiled else _repeat(t, n_rep, axis=-3)
 
-    return _ref_attention(q, rep(k), rep(v), causal=causal)
+    return _attend(q, rep(k), rep(v), **attend)
 
 
 def _gqa_mistakes(q, k, v):
     yield Mistake("{name} pairs query head h with K/V head h % n_kv_head (the K/V stack tiled); "
-                  "it belongs to group h // (n_head // n_kv_head): repeat each K/V head in "
-                  "place.", lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
-    yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
-                  lambda q, k, v: _gqa_variant(q, k, v, causal=False))
+                  "it belongs to group h // (n_head // n_kv_head): repeat each K/V head next "
+                  "to itself (np.repeat, not np.tile).",
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
+    yield from _attention_mistakes(
+        lambda **knobs: lambda q, k, v: _gqa_variant(q, k, v, **knobs))
     yield Mistake("{name} tiles the K/V heads and has no causal mask.",
                   lambda q, k, v: _gqa_variant(q, k, v, tiled=True, causal=False))
 
@@ -374,4 +510,5 @@ GROUPED_QUERY_ATTENTION = Exercise(
         "d_head) -> (..., n_head, seq, d_head).",
 )
 
-EXERCISES = [RMS_NORM, ROPE, ROTARY_ATTENTION, SWIGLU, REPEAT_KV, GROUPED_QUERY_ATTENTION]
+EXERCISES = [RMS_NORM, ROPE, ROTARY_ATTENTION, SWIGLU, REPEAT_KV, GROUPED_QUERY_ATTENTION,
+             QK_NORM_ATTENTION]
