@@ -171,3 +171,19 @@ def test_references_agree_with_qkv_pt_interp_on_a_real_model():
         patched = model.run_with_patches(ids, {"blocks.1.attn.z": torch.tensor(z)})
         torch.testing.assert_close(patched, model.run_with_patches(ids, head_ablation(1, 2)),
                                    **TOL["float64"])
+
+
+def test_a_mean_over_every_axis_is_named_as_a_reduction_too_far():
+    """The scores are per head: averaging everything returns a single NumPy number, and the
+    message says what shape was expected instead of 'it should return an array'."""
+    def mean_over_everything(pattern):
+        return np.diagonal(pattern, offset=-1, axis1=-2, axis2=-1).mean()
+
+    try:
+        check_previous_token_score(mean_over_everything)
+    except AssertionError as e:
+        message = str(e)
+    else:
+        raise AssertionError("a single number passed check_previous_token_score")
+    assert "returned a single number (float64)" in message, message
+    assert "expected an array of shape (" in message and "one axis too many" in message, message

@@ -271,7 +271,8 @@ def _validate(spec: Spec, out, case: Case, expected: tuple) -> tuple:
                                  f"returned {_kind_of_object(out)} for {_describe(case)}.")
         return (_as_array(spec, out[0], "inputs", "int", case),
                 _as_array(spec, out[1], "targets", "int", case))
-    got = _as_array(spec, out, "", spec.out, case)
+    shape = _shape(expected[0]) if spec.out != "scalar" else None
+    got = _as_array(spec, out, "", spec.out, case, shape)
     if spec.out == "bool" and _t.kind_of(got) != "b":
         same = (_t.kind_of(got) in "iuf" and got.shape == expected[0].shape
                 and _t.identical(got != 0, expected[0]))
@@ -283,8 +284,9 @@ def _validate(spec: Spec, out, case: Case, expected: tuple) -> tuple:
     return (got,)
 
 
-def _as_array(spec: Spec, out, label: str, kind: str, case: Case):
-    """One returned value as a plain ndarray: exact np.ndarray or torch.Tensor (or a float)."""
+def _as_array(spec: Spec, out, label: str, kind: str, case: Case, expected_shape=None):
+    """One returned value as a plain ndarray: exact np.ndarray or torch.Tensor (or a float).
+    expected_shape: the reference's shape, to name a reduction that went one axis too far."""
     what = f"{spec.name} returned" + (f" {label} as" if label else "")
     torch = _t.torch_refs()
     if _t.type_(out) is _t.ndarray:
@@ -296,6 +298,11 @@ def _as_array(spec: Spec, out, label: str, kind: str, case: Case):
         arr = torch.numpy(torch.cpu(torch.detach(out)))
     elif kind == "scalar" and any(_t.type_(out) is s for s in (float, _t.float64, _t.float32)):
         arr = _t.asarray(out)
+    elif (kind != "scalar" and expected_shape not in (None, ())
+          and any(_t.type_(out) is s for s in (float, _t.float64, _t.float32))):
+        raise AssertionError(f"{what} a single number ({_t.type_(out).__name__}) for "
+                             f"{_describe(case)}; expected an array of shape {expected_shape}. "
+                             f"Did a mean or a sum run over one axis too many?")
     else:
         wanted = "a single number" if kind == "scalar" else "a NumPy array (or a torch tensor)"
         raise AssertionError(f"{what} {_kind_of_object(out)} for {_describe(case)}; it should "
@@ -303,7 +310,7 @@ def _as_array(spec: Spec, out, label: str, kind: str, case: Case):
     k = _t.kind_of(arr)
     if kind in ("float", "scalar") and (k != "f" or arr.dtype.itemsize < 4):
         raise AssertionError(f"{what} values of dtype {arr.dtype} for {_describe(case)}; expected "
-                             f"floating-point numbers ({_input_dtype(case)}, like the input).")
+                             f"floating-point numbers ({_input_dtype(case)}).")
     if kind == "int" and k not in "iu":
         raise AssertionError(f"{what} values of dtype {arr.dtype} for {_describe(case)}; token "
                              f"ids must stay integers (slice the ids array, do not convert it).")
@@ -330,7 +337,9 @@ def _kind_of_object(out) -> str:
 
 
 def _tolerance(spec: Spec, got: tuple, case: Case) -> dict:
-    """float64 everywhere -> TOL["float64"]; any float32 result or input -> TOL[spec.tol32]."""
+    """float64 everywhere -> TOL["float64"]; any float32 result or input -> TOL[spec.tol32].
+    A float32 answer to float64 inputs is accepted at float32's tolerance: torch makes float32
+    by default, and the answer is right to that precision."""
     single = any(_t.kind_of(g) == "f" and g.dtype.itemsize < 8 for g in got)
     single = single or any(a.dtype == np.float32 for a in _arrays(case.args))
     return _t.tolerances[spec.tol32 if single else "float64"]
@@ -369,7 +378,8 @@ def _mismatch(spec: Spec, got: tuple, expected: tuple, case: Case, tol: dict):
             if _t.close(g, e, **_t.tolerances["float32_op"]):
                 message += (f" That is close, but not within the tolerance for float64 "
                             f"(rtol={tol['rtol']:g}, atol={tol['atol']:g}): did part of the "
-                            f"computation run in float32? Keep the input's dtype.")
+                            f"computation run in float32, or is a constant (such as eps) "
+                            f"slightly different?")
             return message
     return None
 
@@ -434,8 +444,9 @@ def _float64(args: tuple) -> tuple:
 
 
 def _input_dtype(case: Case) -> str:
+    """'float32, like the input' or, when no input is a float (sizes, token ids), 'float64'."""
     dtypes = [str(a.dtype) for a in _arrays(case.args) if a.dtype.kind == "f"]
-    return dtypes[0] if dtypes else "float64"
+    return f"{dtypes[0]}, like the input" if dtypes else "float64"
 
 
 def _describe(case: Case) -> str:

@@ -92,9 +92,9 @@ def _value_mismatch(spec: Spec, got, want, case: Case) -> str:
         first = next(k for k in range(len(w)) if g[k] != w[k])
         return text + f" The first difference is at position {first}."
     if spec.out == "count":
-        return (f"{spec.name} returned {got:,} for {where}, which is not the number of "
-                f"parameters. " + (spec.hint or "Count every weight matrix and bias vector of "
-                                   "the layer."))
+        # the right count is not shown: it would answer the hidden cases too
+        return (f"{spec.name} returned {got:,} for {where}, which is not the right count. "
+                + (spec.hint or "Count every weight matrix and bias vector of the layer."))
     return f"{spec.name} returned {got!r} for {where}; expected {want!r}."
 
 
@@ -161,7 +161,7 @@ def _read_count(spec: Spec, out, case: Case) -> int:
         if math.isfinite(out) and float(out).is_integer():
             return int(out)
         raise AssertionError(f"{spec.name} returned {float(out)!r} for {_describe(case)}, which is "
-                             f"not a whole number; a count of parameters is an integer (use // "
+                             f"not a whole number; a count is an integer (use // "
                              f"rather than / to divide).")
     raise AssertionError(f"{spec.name} returned {_kind_of_object(out)} for {_describe(case)}; it "
                          f"should return a whole number (an int).")
