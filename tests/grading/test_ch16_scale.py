@@ -116,7 +116,9 @@ DECLARED = [
                        (lambda n, w, s: np.array([4.0 * n, 4 * n, 8 * n / (w if s >= 1 else 1)]),
                         "autocast's accounting"),
                        (lambda n, w, s: np.array([2.0 * n, 2 * n, 12 * n])
-                        / [w if s >= k else 1 for k in (2, 1, 0)], "one stage too early")],
+                        / [w if s >= k else 1 for k in (2, 1, 0)], "one stage too early"),
+                       (lambda n, w, s: np.array([2.0 * n, 2 * n, 12 * n])
+                        / [w if s == k else 1 for k in (3, 2, 1)], "the stages add up")],
              alternatives=[memory_right, memory_by_table, memory_in_torch_float32]),
     Declared(check_all_reduce_mean,
              mistakes=[(lambda g: np.stack([g.sum(0)] * len(g)), "without dividing"),

@@ -119,6 +119,10 @@ def _memory_mistakes(n_params, world_size, stage):
         "besides m and v (4 + 4 + 4).",
         m(w=4, g=4, opt=8))
     yield Mistake(
+        "{name} shards only one part at each stage (stage 2 the gradients alone); the stages "
+        "add up: stage 2 shards the optimizer state and the gradients, stage 3 all three.",
+        lambda n, w, s: _memory(n, w, s, shard_from=tuple(x if x == s else 99 for x in (3, 2, 1))))
+    yield Mistake(
         "{name} shards one stage too early: stage 1 shards the optimizer state only (the "
         "gradients wait for stage 2, the weights for stage 3), and stage 0 shards nothing.",
         m(shard_from=(2, 1, 0)))
@@ -135,7 +139,8 @@ def _memory_mistakes(n_params, world_size, stage):
 def _memory_cases(hidden: bool):
     names = ("n_params", "world_size", "stage")
     if not hidden:
-        return [Case((1_000_000, 4, 1), names), Case((1_000_000, 4, 3), names)]
+        return [Case((1_000_000, 4, 1), names), Case((1_000_000, 4, 2), names),
+                Case((1_000_000, 4, 3), names)]
     return [Case((124_439_808, 8, 0), names, "Stage 0 is plain data parallelism (DDP)."),
             Case((124_439_808, 8, 2), names),
             Case((6_592_012_288, 64, 3), names),
