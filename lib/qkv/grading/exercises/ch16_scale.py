@@ -250,7 +250,8 @@ def _accumulate_cases(hidden: bool):
     if not hidden:
         return [Case((_normal(_t.default_rng(26), 3, 5), [4, 4, 2]), names,
                      "The last micro-batch holds 2 windows, the others 4.")]
-    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names),
+    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names,
+                 "Each micro-batch's gradient is a (3, 4) matrix here."),
             Case((_normal(_t.default_rng(28), 4, 7), [5, 5, 5, 5]), names,
                  "Equal sizes here: the weighted mean is the plain mean."),
             Case((_normal(_t.default_rng(29), 1, 6), [7]), names, "This case has one micro-batch.")]
