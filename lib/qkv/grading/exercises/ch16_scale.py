@@ -41,6 +41,19 @@ def _flops_mistakes(vocab, context, n_layer, d_model):
         "weights, so N = 12 n_layer d_model^2 + vocab d_model.",
         lambda *a: 6 * (n - V * d) + attention)
     yield Mistake(
+        "{name} halves attention's work for the causal mask (as Kaplan et al. do); the task "
+        "counts all context positions, as the kernels compute them: 12 n_layer context d_model.",
+        lambda *a: 6 * n + attention // 2)
+    yield Mistake(
+        "{name} counts attention's work once for the whole model; every layer has its own "
+        "attention: 12 n_layer context d_model.",
+        lambda *a: 6 * n + attention // L)
+    yield Mistake(
+        "{name} counts the embedding on the way in as multiplied too (vocab d_model twice); "
+        "it is a lookup, and the tied unembedding is the one vocab x d_model matmul: "
+        "N = 12 n_layer d_model^2 + vocab d_model.",
+        lambda *a: 6 * (n + V * d) + attention)
+    yield Mistake(
         "{name} counts the position table as multiplied; wpe (and wte on the way in) is looked "
         "up, not multiplied: N = 12 n_layer d_model^2 + vocab d_model.",
         lambda *a: 6 * (n + C * d) + attention)
@@ -100,6 +113,20 @@ def _memory_mistakes(n_params, world_size, stage):
         "is 16-bit: 2 bytes per parameter (the float32 master copy is in the optimizer state).",
         m(w=4))
     yield Mistake(
+        "{name} counts float32 weights and gradients and the two moments (4 + 4 + 8 bytes): "
+        "that is autocast's accounting, with the same 16 bytes in all. The task asks for ZeRO's: "
+        "16-bit weights and gradients (2 + 2), and in the optimizer state a float32 master copy "
+        "besides m and v (4 + 4 + 4).",
+        m(w=4, g=4, opt=8))
+    yield Mistake(
+        "{name} shards only one part at each stage (stage 2 the gradients alone); the stages "
+        "add up: stage 2 shards the optimizer state and the gradients, stage 3 all three.",
+        lambda n, w, s: _memory(n, w, s, shard_from=tuple(x if x == s else 99 for x in (3, 2, 1))))
+    yield Mistake(
+        "{name} shards one stage too early: stage 1 shards the optimizer state only (the "
+        "gradients wait for stage 2, the weights for stage 3), and stage 0 shards nothing.",
+        m(shard_from=(2, 1, 0)))
+    yield Mistake(
         "{name} shards everything at every stage. Stage 1 shards the optimizer state only, "
         "stage 2 also the gradients, stage 3 also the weights.",
         m(shard_from=(1, 1, 1)))
@@ -112,8 +139,9 @@ def _memory_mistakes(n_params, world_size, stage):
 def _memory_cases(hidden: bool):
     names = ("n_params", "world_size", "stage")
     if not hidden:
-        return [Case((1_000_000, 4, 1), names), Case((1_000_000, 4, 3), names)]
-    return [Case((124_439_808, 8, 0), names, "stage 0 is plain data parallelism (DDP)."),
+        return [Case((1_000_000, 4, 1), names), Case((1_000_000, 4, 2), names),
+                Case((1_000_000, 4, 3), names)]
+    return [Case((124_439_808, 8, 0), names, "Stage 0 is plain data parallelism (DDP)."),
             Case((124_439_808, 8, 2), names),
             Case((6_592_012_288, 64, 3), names),
             Case((1000, 1, 3), names, "world_size 1: nothing to shard over.")]
@@ -168,9 +196,9 @@ def _all_reduce_cases(hidden: bool):
     if not hidden:
         return [Case((_normal(_t.default_rng(16), 4, 6),), ("grads",))]
     return [Case((_normal(_t.default_rng(17), 2, 3, 5),), ("grads",),
-                 "each rank's gradient is a (3, 5) matrix here."),
-            Case((_normal(_t.default_rng(18), 8, 33),), ("grads",), "8 ranks here."),
-            Case((_normal(_t.default_rng(19), 1, 4),), ("grads",), "one rank here.")]
+                 "Each rank's gradient is a (3, 5) matrix here."),
+            Case((_normal(_t.default_rng(18), 8, 33),), ("grads",), "This case has 8 ranks."),
+            Case((_normal(_t.default_rng(19), 1, 4),), ("grads",), "This case has one rank.")]
 
 
 ALL_REDUCE_MEAN = Exercise(
@@ -221,11 +249,12 @@ def _accumulate_cases(hidden: bool):
     names = ("micro_grads", "sizes")
     if not hidden:
         return [Case((_normal(_t.default_rng(26), 3, 5), [4, 4, 2]), names,
-                     "the last micro-batch holds 2 windows, the others 4.")]
-    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names),
+                     "The last micro-batch holds 2 windows, the others 4.")]
+    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names,
+                 "Each micro-batch's gradient is a (3, 4) matrix here."),
             Case((_normal(_t.default_rng(28), 4, 7), [5, 5, 5, 5]), names,
-                 "equal sizes here: the weighted mean is the plain mean."),
-            Case((_normal(_t.default_rng(29), 1, 6), [7]), names, "one micro-batch here.")]
+                 "Equal sizes here: the weighted mean is the plain mean."),
+            Case((_normal(_t.default_rng(29), 1, 6), [7]), names, "This case has one micro-batch.")]
 
 
 ACCUMULATE_GRADIENTS = Exercise(
