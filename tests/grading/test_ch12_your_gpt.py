@@ -127,6 +127,10 @@ GPT_EDITS = {
     "leave the diagonal open": [(".triu(1)", ".triu(0)")],
     "Position 0 is right": [("q, k, v = self.c_attn(x).split(", "k, q, v = self.c_attn(x).split(")],
     "keep its config as self.config": [("self.config = config  #", "#")],
+    "softmax over the wrong axis": [("torch.softmax(scores, dim=-1)",
+                                     "torch.softmax(scores, dim=-2)")],
+    "heads back with a reshape straight": [("out.transpose(1, 2).reshape(batch, seq, d_model)",
+                                            "out.reshape(batch, seq, d_model)")],
 }
 
 

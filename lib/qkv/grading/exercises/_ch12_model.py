@@ -140,7 +140,7 @@ def _ln(p, t, which, unbiased):
     return _norm(t, p[f"{which}.weight"], p[f"{which}.bias"], unbiased)
 
 
-def _attn(p, t, n_head, mask, scale, transpose):
+def _attn(p, t, n_head, mask, scale, transpose, axis=-1, merge=True):
     seq, d_model = t.shape[-2:]
     q, k, v = (t @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]).split(d_model, -1)
     q, k, v = (_heads(z, n_head, transpose=transpose) for z in (q, k, v))
@@ -149,8 +149,10 @@ def _attn(p, t, n_head, mask, scale, transpose):
         s = s / math.sqrt(d_model if scale == "d_model" else d_model // n_head)
     if mask:
         s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
-    o = torch.softmax(s, -1) @ v  # (..., n_head, seq, d_head)
-    o = o.transpose(-3, -2).reshape(*t.shape)
+    o = torch.softmax(s, axis) @ v  # (..., n_head, seq, d_head)
+    if merge:
+        o = o.transpose(-3, -2)  # (..., seq, n_head, d_head): then the heads side by side
+    o = o.reshape(*t.shape)
     return o @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]
 
 
@@ -161,7 +163,7 @@ def _ffn(p, t, exact_gelu):
 
 def _gpt_logits(sd: dict, ids, n_head: int, *, mask=True, scale=True, pre_ln=True,
                 final_ln=True, positions=True, unbiased=False, exact_gelu=False,
-                transpose=True, residual=True):
+                transpose=True, residual=True, axis=-1, merge=True):
     """GPT-2's forward from a state dict (float64), with one switch per known mistake."""
     wte, wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
     x = wte[ids] + (wpe[:ids.shape[-1]] if positions else 0)
@@ -171,7 +173,7 @@ def _gpt_logits(sd: dict, ids, n_head: int, *, mask=True, scale=True, pre_ln=Tru
              if k.startswith(f"transformer.h.{i}.")}
 
         def attn(t, p=p):
-            return _attn(p, t, n_head, mask, scale, transpose)
+            return _attn(p, t, n_head, mask, scale, transpose, axis, merge)
 
         if pre_ln:
             x = (x if residual else 0) + attn(_ln(p, x, "ln_1", unbiased))
@@ -203,11 +205,17 @@ GPT_MISTAKES = {
     "transpose": "GPT splits the heads with a reshape straight to (n_head, seq, d_head): that "
                  "mixes positions. Reshape to (seq, n_head, d_head), then swap those two axes.",
     "residual": "GPT's logits match a block without the residual connections (x + ...).",
+    "axis": "GPT's logits match a softmax over the wrong axis of the scores: each query's row "
+            "(the keys, the last axis) must sum to 1, so softmax(scores, dim=-1).",
+    "merge": "GPT puts the heads back with a reshape straight from (n_head, seq, d_head) to "
+             "(seq, d_model): that mixes positions. Swap to (seq, n_head, d_head) first, then "
+             "reshape.",
 }
 
 
 _GPT_SWITCHES = {flag: {flag: flag in ("unbiased", "exact_gelu")} for flag in GPT_MISTAKES}
-_GPT_SWITCHES["scale_d_model"] = {"scale": "d_model"}
+_GPT_SWITCHES.update(scale_d_model={"scale": "d_model"}, axis={"axis": -2},
+                     merge={"merge": False})
 
 
 def _gpt_difference(got, expected, config, shape) -> str:
