@@ -35,7 +35,7 @@ def learner_code() -> dict:
 
 
 def one_run(ns, data, seed, max_steps, settings):
-    from qkv.grading.exercises.ch12_your_gpt import validation_loss
+    from qkv.grading.exercises._ch12_model import validation_loss
     from qkv.pt import GPTConfig
 
     tok, train_ids, val_ids, _ = data
@@ -48,7 +48,7 @@ def one_run(ns, data, seed, max_steps, settings):
     gen = torch.Generator().manual_seed(1337 + seed)
     bounds = [max_steps * i // 6 for i in range(7)]
     losses, evals, cell_s = [], [], []
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         t0 = time.perf_counter()
         chunk, ev = ns["train"](model, optimizer, train_ids, val_ids, gen, a, b, s)
         cell_s.append(time.perf_counter() - t0)
@@ -80,7 +80,7 @@ def rounded(value, digits=4):
 
 
 def main():
-    from qkv.grading.exercises.ch12_your_gpt import course_data
+    from qkv.grading.exercises._ch12_model import course_data
 
     torch.set_num_threads(1)
     ns = learner_code()

@@ -123,6 +123,14 @@ GPT_EDITS = {
     "final layer norm": [("return self.transformer.ln_f(x) @ wte.T", "return x @ wte.T")],
     "position embeddings": [("x = wte[token_ids] + self.transformer.wpe.weight[:seq]",
                              "x = wte[token_ids]")],
+    "scaled by 1/sqrt(d_model)": [("/ math.sqrt(d_head)", "/ math.sqrt(d_model)")],
+    "leave the diagonal open": [(".triu(1)", ".triu(0)")],
+    "Position 0 is right": [("q, k, v = self.c_attn(x).split(", "k, q, v = self.c_attn(x).split(")],
+    "keep its config as self.config": [("self.config = config  #", "#")],
+    "softmax over the wrong axis": [("torch.softmax(scores, dim=-1)",
+                                     "torch.softmax(scores, dim=-2)")],
+    "heads back with a reshape straight": [("out.transpose(1, 2).reshape(batch, seq, d_model)",
+                                            "out.reshape(batch, seq, d_model)")],
 }
 
 
@@ -142,6 +150,17 @@ def test_forbidden_modules_and_functions_are_named():
             self.transformer.wte = torch.nn.Embedding(config.vocab_size, config.d_model)
     with pytest.raises(AssertionError, match=r"torch\.nn\.Embedding at 'transformer\.wte'"):
         check_gpt_module(EmbeddingGPT)
+
+    class SubclassGPT(ns["GPT"]):
+        def __init__(self, config):
+            super().__init__(config)
+
+            class Linear(torch.nn.Linear):  # a learner's class of the same name
+                pass
+            self.transformer.h[0].attn.c_proj = Linear(config.d_model, config.d_model)
+    with pytest.raises(AssertionError, match=r"your class Linear \(a subclass of "
+                                             r"torch\.nn\.Linear\) at 'transformer\.h\.0"):
+        check_gpt_module(SubclassGPT)
 
     sdpa = _load([("scores = q @ k.transpose(-2, -1) / math.sqrt(d_head)  # (batch, n_head, "
                    "seq, seq)", "return self.c_proj(F.scaled_dot_product_attention(q, k, v, "
@@ -197,6 +216,10 @@ LOOP_EDITS = {
     "never zeroes": [("        optimizer.zero_grad()\n", "")],
     "constant learning rate": [("group[\"lr\"] = rate", "group[\"lr\"] = s[\"lr\"]")],
     "restarts at every call": [("rate = lr_at(step, ", "rate = lr_at(step - first_step, ")],
+    "clips the gradient norm to 1.0": [('clip_grad_norm_(model.parameters(), s["grad_clip"])',
+                                        "clip_grad_norm_(model.parameters(), 1.0)")],
+    "off by": [("    model.train()\n    for step", "    model.train()\n"
+                "    gen = torch.Generator().manual_seed(1)\n    for step")],
 }
 
 
@@ -224,6 +247,16 @@ def test_evaluate_mistakes_are_named(solution):
     stays = _load([("    model.train(was_training)\n", "")], cells=("eval-answer",))
     with pytest.raises(AssertionError, match="eval mode"):
         check_evaluate(stays["evaluate"])
+    training = _load([("    model.eval()\n", "")], cells=("eval-answer",))
+    with pytest.raises(AssertionError, match="in training mode: call model.eval()"):
+        check_evaluate(training["evaluate"])
+    shared = _load([("torch.Generator().manual_seed(seed)", "None")], cells=("eval-answer",))
+    with pytest.raises(AssertionError, match="global generator"):
+        check_evaluate(shared["evaluate"])
+    reseeded = _load([("torch.Generator().manual_seed(seed)",
+                       "torch.Generator().manual_seed(seed + 1)")], cells=("eval-answer",))
+    with pytest.raises(AssertionError, match="mean loss over 5 batches of 4 windows of 8"):
+        check_evaluate(reseeded["evaluate"])
 
 
 SAMPLE_EDITS = {
@@ -231,6 +264,7 @@ SAMPLE_EDITS = {
                                            "")],
     "more than context_length": [("ids[-model.config.context_length:]", "ids")],
     "softmax(logits / temperature)": [("logits / temperature", "logits")],
+    "two generators with the same seed": [(", generator=gen)", ")")],
 }
 
 
@@ -254,6 +288,12 @@ def test_numpy_gradient_mistakes_are_named():
                  cells=("np-helpers", "np-grads-answer"))
     with pytest.raises(AssertionError, match="averaged over the batch"):
         check_gpt_loss_and_grads(mean["gpt_loss_and_grads"])
+    rows = _load([("dwpe = np.zeros_like(wpe)\n    dwpe[:seq] = dh.sum(axis=0)",
+                   "dwpe = dh.sum(axis=0)")], cells=("np-helpers", "np-grads-answer"))
+    check_gpt_loss_and_grads(rows["gpt_loss_and_grads"])  # seq == context: the shapes agree
+    with pytest.raises(AssertionError, match=r"gradient of wpe has shape \(6, 8\); it should "
+                                             r"have wpe's shape, \(8, 8\) \(rows past seq"):
+        check_gpt_loss_and_grads(rows["gpt_loss_and_grads"], hidden=True)
 
     def copied(params, x, y, n_head):
         loss, cache = qnp.gpt_loss_forward(x, y, params, n_head)
@@ -270,6 +310,11 @@ NP_TRAIN_EDITS = {
                                       "m_hat = new_m[name]"),
                                      ("v_hat = new_v[name] / (1 - beta2**t)",
                                       "v_hat = new_v[name]")],
+    "decays every parameter": [("        if p.ndim >= 2:\n            p = p * (1 - lr",
+                                "        if True:\n            p = p * (1 - lr")],
+    "params nested as you were given them": [("return unflatten_params(flat), losses",
+                                              "return flat, losses")],
+    "(off by": [("step + 1, lr(step)", "step + 1, lr(step + 1)")],
 }
 
 
@@ -318,8 +363,11 @@ def test_untrained_model_misses_every_target_and_says_by_how_much():
                         (3, check_gpt_target_3)):
         target = TARGETS[name][part - 1]
         with pytest.raises(AssertionError, match=f"misses target {part}, {target:.2f} "
-                                                 f"\\({name}\\), by {loss - target:.3f}"):
+                                                 f"\\({name}\\), by {loss - target:.3f}"
+                                                 f".*did the six training cells run"):
             check(model)
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        M._judge_trained_gpt(None, 1)
 
 
 @pytest.mark.slow

@@ -140,17 +140,19 @@ def _ln(p, t, which, unbiased):
     return _norm(t, p[f"{which}.weight"], p[f"{which}.bias"], unbiased)
 
 
-def _attn(p, t, n_head, mask, scale, transpose):
+def _attn(p, t, n_head, mask, scale, transpose, axis=-1, merge=True):
     seq, d_model = t.shape[-2:]
     q, k, v = (t @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]).split(d_model, -1)
     q, k, v = (_heads(z, n_head, transpose=transpose) for z in (q, k, v))
     s = q @ k.transpose(-2, -1)  # (..., n_head, seq, seq)
-    if scale:
-        s = s / math.sqrt(d_model // n_head)
+    if scale:  # True: 1/sqrt(d_head); "d_model": the slip of scaling by the model's width
+        s = s / math.sqrt(d_model if scale == "d_model" else d_model // n_head)
     if mask:
         s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
-    o = torch.softmax(s, -1) @ v  # (..., n_head, seq, d_head)
-    o = o.transpose(-3, -2).reshape(*t.shape)
+    o = torch.softmax(s, axis) @ v  # (..., n_head, seq, d_head)
+    if merge:
+        o = o.transpose(-3, -2)  # (..., seq, n_head, d_head): then the heads side by side
+    o = o.reshape(*t.shape)
     return o @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]
 
 
@@ -161,7 +163,7 @@ def _ffn(p, t, exact_gelu):
 
 def _gpt_logits(sd: dict, ids, n_head: int, *, mask=True, scale=True, pre_ln=True,
                 final_ln=True, positions=True, unbiased=False, exact_gelu=False,
-                transpose=True, residual=True):
+                transpose=True, residual=True, axis=-1, merge=True):
     """GPT-2's forward from a state dict (float64), with one switch per known mistake."""
     wte, wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
     x = wte[ids] + (wpe[:ids.shape[-1]] if positions else 0)
@@ -171,7 +173,7 @@ def _gpt_logits(sd: dict, ids, n_head: int, *, mask=True, scale=True, pre_ln=Tru
              if k.startswith(f"transformer.h.{i}.")}
 
         def attn(t, p=p):
-            return _attn(p, t, n_head, mask, scale, transpose)
+            return _attn(p, t, n_head, mask, scale, transpose, axis, merge)
 
         if pre_ln:
             x = (x if residual else 0) + attn(_ln(p, x, "ln_1", unbiased))
@@ -188,6 +190,9 @@ GPT_MISTAKES = {
     "mask": "GPT's logits match a model WITHOUT the causal mask: every position can see the "
             "tokens after it. Set the scores above the diagonal to -inf before the softmax.",
     "scale": "GPT's logits match attention without the 1/sqrt(d_head) scale on the scores.",
+    "scale_d_model": "GPT's logits match attention scaled by 1/sqrt(d_model): each head's scores "
+                     "are dot products of d_head numbers, so the scale is 1/sqrt(d_head), "
+                     "d_head = d_model // n_head.",
     "pre_ln": "GPT's logits match a post-LN block (x = ln(x + attn(x))). GPT-2's block is pre-LN: "
               "x = x + attn(ln_1(x)), then x = x + mlp(ln_2(x)).",
     "final_ln": "GPT's logits match a model without the final layer norm (ln_f) before the "
@@ -200,7 +205,37 @@ GPT_MISTAKES = {
     "transpose": "GPT splits the heads with a reshape straight to (n_head, seq, d_head): that "
                  "mixes positions. Reshape to (seq, n_head, d_head), then swap those two axes.",
     "residual": "GPT's logits match a block without the residual connections (x + ...).",
+    "axis": "GPT's logits match a softmax over the wrong axis of the scores: each query's row "
+            "(the keys, the last axis) must sum to 1, so softmax(scores, dim=-1).",
+    "merge": "GPT puts the heads back with a reshape straight from (n_head, seq, d_head) to "
+             "(seq, d_model): that mixes positions. Swap to (seq, n_head, d_head) first, then "
+             "reshape.",
 }
+
+
+_GPT_SWITCHES = {flag: {flag: flag in ("unbiased", "exact_gelu")} for flag in GPT_MISTAKES}
+_GPT_SWITCHES.update(scale_d_model={"scale": "d_model"}, axis={"axis": -2},
+                     merge={"merge": False})
+
+
+def _gpt_difference(got, expected, config, shape) -> str:
+    """The generic message, with where the logits differ: position 0 sees only itself, so a
+    slip in how positions are mixed leaves it right and shows from position 1 on."""
+    where = (f"on ids of shape {shape} with n_layer {config.n_layer}, n_head {config.n_head}")
+    if torch.isnan(got).any():
+        return (f"GPT's logits contain NaN {where}. A softmax over scores that are all -inf "
+                f"gives NaN: the causal mask must leave the diagonal open (each position sees "
+                f"itself), e.g. torch.ones(seq, seq, dtype=torch.bool).triu(1) marks the future.")
+    wrong = ((got - expected).abs() > TOL["float32_model"]["atol"] +
+             TOL["float32_model"]["rtol"] * expected.abs()).any(-1).any(0)  # (seq,)
+    worst = (got - expected).abs().max().item()
+    text = (f"GPT's logits differ from GPT-2's (qkv.pt.GPT's) {where}: largest difference "
+            f"{worst:.3g}.")
+    if shape[1] > 1 and not wrong[0] and wrong[1:].any():
+        text += (" Position 0 is right and later positions are not: position 0 attends only to "
+                 "itself, so look at what mixes positions: the scores (queries against keys, "
+                 "the order of [Q | K | V] in c_attn), the mask, the softmax's axis.")
+    return text
 
 
 class _Recorder(TorchFunctionMode):
@@ -217,9 +252,15 @@ class _Recorder(TorchFunctionMode):
 
 
 def _forbidden_modules(model) -> list[str]:
-    return [f"{type(m).__module__.split('.')[0]}.nn.{type(m).__name__} at "
-            f"'{name or 'the model'}'" for name, m in model.named_modules()
-            if isinstance(m, FORBIDDEN_MODULES)]
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, FORBIDDEN_MODULES):
+            continue
+        base = next(c for c in FORBIDDEN_MODULES if isinstance(m, c))
+        what = (f"torch.nn.{base.__name__}" if type(m) is base else
+                f"your class {type(m).__name__} (a subclass of torch.nn.{base.__name__})")
+        found.append(f"{what} at '{name or 'the model'}'")
+    return found
 
 
 def _check_from_scratch(model) -> None:
@@ -240,6 +281,11 @@ def _judge_gpt_module(GPT, hidden: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise _returned("GPT(config)", model, "an nn.Module (class GPT(nn.Module): ...)")
         _check_from_scratch(model)
+        if getattr(getattr(model, "config", None), "context_length", None) != \
+                config.context_length:
+            raise AssertionError("GPT(config) should keep its config as self.config (the task's "
+                                 "cell starts with that line): sample reads "
+                                 "model.config.context_length.")
         sd = _random_gpt2_weights(config, seed=100 + i + 10 * hidden)
         try:
             load_gpt2_weights(model, sd)
@@ -270,15 +316,10 @@ def _judge_gpt_module(GPT, hidden: bool = False) -> None:
             got = got.detach().double()
             if _close(got, expected, "float32_model"):
                 continue
-            variants = {says: _gpt_logits(sd64, ids, config.n_head,
-                                          **{flag: flag in ("unbiased", "exact_gelu")})
+            variants = {says: _gpt_logits(sd64, ids, config.n_head, **_GPT_SWITCHES[flag])
                         for flag, says in GPT_MISTAKES.items()}
             said = _diagnose(got, variants, "float32_model")
-            worst = (got - expected).abs().max().item()
-            raise AssertionError(said or (f"GPT's logits differ from GPT-2's (qkv.pt.GPT's) on "
-                                          f"ids of shape {(batch, seq)} with n_layer "
-                                          f"{config.n_layer}, n_head {config.n_head}: largest "
-                                          f"difference {worst:.3g}."))
+            raise AssertionError(said or _gpt_difference(got, expected, config, (batch, seq)))
 
 
 
@@ -351,19 +392,27 @@ def validation_loss(model) -> float:
 def _judge_trained_gpt(model, part: int, hidden: bool = False) -> None:
     """Target 1, 2 or 3: the validation loss of the learner's trained model is within TARGETS.
     ``model``: the trained GPT (any callable from ids (batch, seq) to logits is measured)."""
+    if model is None:
+        raise AssertionError("there is no trained model: GPT, make_optimizer or train is not "
+                             "implemented yet, so the cell with the settings did not make one. "
+                             "Write them, then run that cell and the six training cells.")
     if isinstance(model, nn.Module):
         _check_from_scratch(model)
     if "data" not in _VAL_CACHE:
         _VAL_CACHE["data"] = course_data()
-    name = _VAL_CACHE["data"][3]
+    tok, name = _VAL_CACHE["data"][0], _VAL_CACHE["data"][3]
     target = TARGETS[name][part - 1]
     loss = validation_loss(model)
     if not math.isfinite(loss):
         raise AssertionError(f"your GPT's validation loss is {loss}: training diverged (try a "
                              f"smaller learning rate, and check the clipping).")
     if loss > target:
+        untrained = abs(loss - math.log(tok.vocab_size)) < 0.1
         raise AssertionError(f"validation loss {loss:.3f} misses target {part}, "
-                             f"{target:.2f} ({name}), by {loss - target:.3f} nats per character.")
+                             f"{target:.2f} ({name}), by {loss - target:.3f} nats per character."
+                             + (f" That is about ln {tok.vocab_size} = "
+                                f"{math.log(tok.vocab_size):.3f}, the loss of a model that knows "
+                                f"nothing: did the six training cells run?" if untrained else ""))
 
 
 # ==============================================================================================
@@ -442,5 +491,17 @@ def _judge_sample(sample, hidden: bool = False) -> None:
                                  f"gave it {share:.0%}. Sample from softmax(logits / "
                                  f"temperature) with torch.multinomial(probs, 1, "
                                  f"generator=gen).")
+    # The draws come from gen: the same seed gives the same tokens, whatever torch's global
+    # generator holds.
+    toy = _NextModel(2, context=4, fixed=fixed)
+    runs = []
+    for global_seed in (1, 2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(global_seed)
+            runs.append(_sample_ids(sample, toy, [0], 40, 1.0, None, 5))
+    if runs[0] != runs[1]:
+        raise AssertionError("sample gave different tokens for two generators with the same "
+                             "seed: draw with torch.multinomial(probs, 1, generator=gen), so "
+                             "that the generator (not torch's global one) fixes the sample.")
 
 

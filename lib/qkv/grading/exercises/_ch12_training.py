@@ -60,10 +60,10 @@ def _judge_lr_at(lr_at, hidden: bool = False) -> None:
             variant = [_lr_reference(s, max_steps, warmup, lr, min_lr, **switch) for s in steps]
             if _close(got, variant, "float64"):
                 raise AssertionError(f"lr_at: {says}.")
-        bad = next(s for s in steps if not _close(got[s], expected[s], "float64"))
+        bad = max(steps, key=lambda s: abs(got[s] - expected[s]))  # the step furthest off
         raise AssertionError(f"lr_at({bad}, max_steps={max_steps}, warmup_steps={warmup}, "
                              f"lr={lr}, min_lr={min_lr}) should be {expected[bad]:.6g}; got "
-                             f"{got[bad]:.6g}.")
+                             f"{got[bad]:.6g} (the step where your schedule is furthest off).")
 
 
 # ==============================================================================================
@@ -94,7 +94,16 @@ def _judge_evaluate(evaluate, hidden: bool = False) -> None:
         model.train()
         args = (ids, 4, 8, 5, 10 + seed)
         expected = _ref_evaluate(model, *args)
-        got = _call("evaluate", evaluate, model, *args)
+        modes = []  # the model's mode at every forward the learner's evaluate runs
+        hook = model.register_forward_pre_hook(lambda m, inputs, modes=modes:
+                                               modes.append(m.training))
+        global_seed = 1000 + seed  # what the global generator would give (a known mistake)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(global_seed)
+                got = _call("evaluate", evaluate, model, *args)
+        finally:
+            hook.remove()
         try:
             got = float(got)
         except (TypeError, ValueError):
@@ -105,6 +114,9 @@ def _judge_evaluate(evaluate, hidden: bool = False) -> None:
                                  "model.train() (or model.train(was_training)) before returning.")
         if any(p.grad is not None for p in model.parameters()):
             raise AssertionError("evaluate computed gradients: run it under torch.no_grad().")
+        if any(modes):
+            raise AssertionError("evaluate ran the model in training mode: call model.eval() "
+                                 "before the batches (and model.train() again at the end).")
         if _close(got, expected, "float64"):
             continue
         variants = {
@@ -112,12 +124,15 @@ def _judge_evaluate(evaluate, hidden: bool = False) -> None:
                 _ref_evaluate(model, *args, last_only=True),
             "evaluate draws its windows from torch's global generator: make a fresh "
             "torch.Generator().manual_seed(seed) at each call, so that every evaluation sees "
-            "the same windows.": None,
+            "the same windows.":
+                _ref_evaluate(model, *args[:4], 0, fresh=False,
+                              gen=torch.Generator().manual_seed(global_seed)),
         }
         said = _diagnose(got, variants, "float64")
-        raise AssertionError(said or (f"evaluate gave {got:.6f}; the mean loss over the "
-                                      f"{args[3]} windows batches drawn with "
-                                      f"torch.Generator().manual_seed({args[4]}) is "
+        raise AssertionError(said or (f"evaluate gave {got:.6f}; the mean loss over "
+                                      f"{args[3]} batches of {args[1]} windows of {args[2]} "
+                                      f"tokens, drawn with get_batch and a fresh "
+                                      f"torch.Generator().manual_seed({args[4]}), is "
                                       f"{expected:.6f}."))
 
 
@@ -161,7 +176,8 @@ def _ref_optimizer(model, s):
 
 
 def _ref_train(model, optimizer, train_ids, val_ids, gen, first, last, s, *, clip=True,
-               schedule=True, lr_shift=0, zero_grad=True, eval_shift=1, restart=False):
+               schedule=True, lr_shift=0, zero_grad=True, eval_shift=1, restart=False,
+               clip_to=None):
     losses, evals = [], []
     model.train()
     for step in range(first, last):
@@ -176,7 +192,7 @@ def _ref_train(model, optimizer, train_ids, val_ids, gen, first, last, s, *, cli
             optimizer.zero_grad()
         loss.backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_to or s["grad_clip"])
         optimizer.step()
         losses.append(loss.item())
         if (step + eval_shift) % s["eval_interval"] == 0:
@@ -196,10 +212,12 @@ LOOP_MISTAKES = {
                  "step to step: call optimizer.zero_grad() before backward().",
     "restart": "the schedule restarts at every call: use the run's step number (first_step, "
                "first_step + 1, ...), not a count from 0 within the call.",
+    "clip_to": "the losses match a loop that clips the gradient norm to 1.0: clip to "
+               "s['grad_clip'] (the checker's settings use 0.5).",
 }
 _LOOP_SWITCHES = {"clip": dict(clip=False), "schedule": dict(schedule=False),
                   "lr_shift": dict(lr_shift=1), "zero_grad": dict(zero_grad=False),
-                  "restart": dict(restart=True)}
+                  "restart": dict(restart=True), "clip_to": dict(clip_to=1.0)}
 
 
 def _run_loop(train_fn, s, seed, chunks, **switch):
@@ -257,11 +275,22 @@ def _judge_train(train, hidden: bool = False) -> None:
         variant, _, _ = _run_loop(None, s, seed, chunks, **_LOOP_SWITCHES[flag])
         if _close(losses, variant, "float64"):
             raise AssertionError(f"train: {says}")
-    bad = next(i for i in range(n) if not _close(losses[i], ref_losses[i], "float64"))
-    raise AssertionError(f"train's loss at step {bad} is {losses[bad]:.6f}; the reference loop "
-                         f"gets {ref_losses[bad]:.6f} (each step: lr_at, a batch with "
-                         f"get_batch(train_ids, batch_size, context, gen), cross-entropy, "
-                         f"zero_grad, backward, clip, step).")
+    bad = next((i for i in range(n) if not _close(losses[i], ref_losses[i], "float64")), None)
+    if bad is None:
+        raise AssertionError("train's losses are right but the weights after the last step "
+                             "differ from the reference loop's: does it take one "
+                             "optimizer.step() per step, after the clipping?")
+    raise AssertionError(f"train's loss at step {bad} is {losses[bad]:.10f}; the reference loop "
+                         f"gets {ref_losses[bad]:.10f} (off by "
+                         f"{abs(losses[bad] - ref_losses[bad]):.2g}; {_agree(bad)}). Each "
+                         f"step: lr_at, a batch with get_batch(train_ids, batch_size, context, "
+                         f"gen), cross-entropy, zero_grad, backward, clip, step.")
+
+
+def _agree(bad: int) -> str:
+    """How many steps agree, in words."""
+    return {0: "step 0 already differs", 1: "step 0 agrees"}.get(
+        bad, f"steps 0-{bad - 1} agree")
 
 # ==============================================================================================
 # NumPy (f): the whole model's loss and gradients from chapter 9's pieces
@@ -361,6 +390,11 @@ def _judge_gpt_loss_and_grads(gpt_loss_and_grads, hidden: bool = False) -> None:
                                  f"{sorted(set(want) - set(have))[:4]}, unexpected "
                                  f"{sorted(set(have) - set(want))[:4]}.")
         for key in want:
+            shape = np.shape(have[key])
+            if shape != want[key].shape:
+                raise AssertionError(f"the gradient of {key} has shape {shape}; it should have "
+                                     f"{key}'s shape, {want[key].shape}"
+                                     + (" (rows past seq get 0)" if key == "wpe" else "") + ".")
             if _close(have[key], want[key], "float64"):
                 continue
             if key == "wte":
@@ -399,8 +433,10 @@ def _np_batches(seed, n):
     return [get_batch(ids, 3, 8, rng) for _ in range(n)]
 
 
-def _adam_no_correction(params, n_head, batches, lr, weight_decay, grad_clip):
-    """train_numpy without the bias corrections (a known mistake): returns the losses."""
+def _adam_variant(params, n_head, batches, lr, weight_decay, grad_clip, *, correct=True,
+                  decay_all=False):
+    """train_numpy with one known mistake (no bias corrections, or weight decay on every
+    parameter): returns the losses."""
     flat = _flat(params)
     m = {k: np.zeros_like(p) for k, p in flat.items()}
     v = {k: np.zeros_like(p) for k, p in flat.items()}
@@ -408,11 +444,14 @@ def _adam_no_correction(params, n_head, batches, lr, weight_decay, grad_clip):
     for step, (x, y) in enumerate(batches):
         loss, cache = qnp.gpt_loss_forward(x, y, _unflat(flat, params), n_head)
         grads, _ = qnp.clip_grad_norm(qnp.gpt_loss_backward(cache), grad_clip)
+        t = step + 1
         for k, g in _flat(grads).items():
             m[k] = 0.9 * m[k] + 0.1 * g
             v[k] = 0.99 * v[k] + 0.01 * g * g
-            decay = weight_decay if flat[k].ndim >= 2 else 0.0
-            flat[k] = flat[k] * (1 - lr(step) * decay) - lr(step) * m[k] / (np.sqrt(v[k]) + 1e-8)
+            m_hat = m[k] / (1 - 0.9**t) if correct else m[k]
+            v_hat = v[k] / (1 - 0.99**t) if correct else v[k]
+            decay = weight_decay if flat[k].ndim >= 2 or decay_all else 0.0
+            flat[k] = flat[k] * (1 - lr(step) * decay) - lr(step) * m_hat / (np.sqrt(v_hat) + 1e-8)
         losses.append(float(loss))
     return losses
 
@@ -447,6 +486,10 @@ def _judge_train_gpt_numpy(train_gpt_numpy, hidden: bool = False) -> None:
         raise AssertionError(f"train_gpt_numpy should return one loss per batch: {n}, not "
                              f"{len(losses)}.")
     if _close(losses, ref_losses, "float64"):
+        if not (isinstance(got_params, dict) and isinstance(got_params.get("blocks"), list)):
+            raise AssertionError("train_gpt_numpy's losses are right, but return the params "
+                                 "nested as you were given them (wte, wpe, blocks: a list of "
+                                 "dicts, ...): unflatten_params(flat) turns a flat dict back.")
         flat_got, flat_ref = _flat(got_params), _flat(ref_params)
         # Adam divides by sqrt(v), so a near-zero gradient's last-bit rounding shows in the
         # weights (3e-12 seen on a bias): compare at float32_op, still 2,000 times finer than
@@ -465,13 +508,17 @@ def _judge_train_gpt_numpy(train_gpt_numpy, hidden: bool = False) -> None:
                                            weight_decay=0.1, grad_clip=clip)[1],
         "the losses match AdamW without the bias corrections m / (1 - beta1^t) and "
         "v / (1 - beta2^t); t counts steps from 1.":
-            _adam_no_correction(params, 2, batches, _np_lr, 0.1, clip),
+            _adam_variant(params, 2, batches, _np_lr, 0.1, clip, correct=False),
+        "the losses match AdamW that decays every parameter: weight decay applies to the "
+        "matrices (p.ndim >= 2) only, not to biases and layer-norm vectors.":
+            _adam_variant(params, 2, batches, _np_lr, 0.1, clip, decay_all=True),
     }
     said = _diagnose(losses, variants, "float64")
     bad = next(i for i in range(n) if not _close(losses[i], ref_losses[i], "float64"))
-    raise AssertionError(said or (f"train_gpt_numpy's loss at step {bad} is {losses[bad]:.8f}; "
-                                  f"the reference gets {ref_losses[bad]:.8f} (the first "
-                                  f"{bad} steps agree)."))
+    raise AssertionError(said or (f"train_gpt_numpy's loss at step {bad} is {losses[bad]:.10f}; "
+                                  f"the reference gets {ref_losses[bad]:.10f} (off by "
+                                  f"{abs(losses[bad] - ref_losses[bad]):.2g}; {_agree(bad)}; "
+                                  f"a loss is computed before its step's update)."))
 
 
 # ==============================================================================================
