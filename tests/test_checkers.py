@@ -551,6 +551,19 @@ def test_none_and_non_function():
     assert "forget `return`" in failure(check_softmax, lambda x: None)
     with pytest.raises(AssertionError, match="should be a function"):
         check_softmax(42)
+    # a name left None (a cell that stopped early): says so, not "define it with def"
+    with pytest.raises(AssertionError, match="softmax is None: the cell that should make it"):
+        check_softmax(None)
+
+
+def test_pass_line_mentions_hidden_tests_only_when_there_are_some():
+    from qkv.grading import check_gpt_target_1
+    from qkv.grading.exercise import passed_line
+
+    assert passed_line(check_softmax.exercise, 3).endswith("(The hidden tests try other inputs.)")
+    target = check_gpt_target_1.exercise  # judged on the learner's own trained model only
+    assert not list(target.hidden())
+    assert "hidden" not in passed_line(target, 1)
 
 
 def test_bfloat16_tensor_fails():

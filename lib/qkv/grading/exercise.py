@@ -81,6 +81,9 @@ def run(ex: Exercise, fns: tuple, hidden: bool = False, backend: str = "auto") -
     how many cases ran (this exercise and its ``then``)."""
     names = ex.output.names(ex)
     for name, fn in zip(names, fns, strict=True):
+        if fn is None:
+            raise AssertionError(f"{name} is None: the cell that should make it stopped early "
+                                 f"or never set it. Run that cell again and read its error.")
         if not _t.callable_(fn):
             raise AssertionError(f"{name} should be a function, but it is a "
                                  f"{_t.type_(fn).__name__}. Define it with `def {name}(...):`.")
@@ -101,7 +104,8 @@ def passed_line(ex: Exercise, count: int) -> str:
     """The one line a passing visible test prints (stdout: nbgrader scores stderr as a fail)."""
     inputs = "the visible input" if count == 1 else f"all {count} visible inputs"
     what = ex.passed or f"{ex.output.what} on {inputs}"
-    return f"\u2713 {ex.name}: {what}. (The hidden tests try other inputs.)"
+    more = " (The hidden tests try other inputs.)" if any(True for _ in ex.hidden()) else ""
+    return f"\u2713 {ex.name}: {what}.{more}"
 
 
 def checker(ex: Exercise):
