@@ -497,3 +497,10 @@ DECLARED = [
 ] + [Declared(check) for check in TARGET_CHECKS]
 
 globals().update(meta_tests([d for d in DECLARED if d.check not in TARGET_CHECKS]))
+
+
+def test_rebinding_np_allclose_cannot_make_a_wrong_schedule_pass(monkeypatch):
+    """The ch12 judges compare through _trusted's references, taken before learner code ran."""
+    monkeypatch.setattr(np, "allclose", lambda *args, **kwargs: True)
+    with pytest.raises(AssertionError, match="lr_at"):
+        check_lr_at(lambda step, max_steps, warmup_steps, lr, min_lr: 0.5)
