@@ -15,6 +15,7 @@ from qkv.pt import GPTConfig
 from qkv.train import TrainConfig
 from qkv.train import lr_at as _ref_lr_at
 
+from .. import _trusted as _t
 from ._ch12_model import _call, _close, _diagnose, _function, _ref_evaluate, _returned
 
 # ==============================================================================================
@@ -372,7 +373,8 @@ def _judge_gpt_loss_and_grads(gpt_loss_and_grads, hidden: bool = False) -> None:
         if spy.hit:
             raise AssertionError("gpt_loss_and_grads calls qkv.np's gpt_loss_backward, which is "
                                  "the answer itself: chain the layers' backward passes yourself.")
-        if any(not np.array_equal(copy[k], v) for k, v in _flat(params).items()):
+        if any(not _t.identical(_t.asarray(copy[k]), _t.asarray(v))
+               for k, v in _flat(params).items()):
             raise AssertionError("gpt_loss_and_grads changed the params in place.")
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
             raise _returned("gpt_loss_and_grads", out, "(loss, grads) with grads a dict shaped "
