@@ -173,6 +173,7 @@ DECLARED = [
                        (lambda g: np.full_like(g, g.mean()), "a mean with no axis"),
                        (lambda g: np.stack([g.sum(0) / (len(g) - 1)] * len(g)),
                         "world_size - 1"),
+                       (lambda g: np.tile(g.mean(0), (len(g), 1)), "whatever shape follows"),
                        (ring_without_all_gather, "all-gather missing"),
                        (lambda g: ring_without_all_gather(g) * len(g),
                         ["all-gather missing", "Then divide by world_size"])],
@@ -184,6 +185,9 @@ DECLARED = [
                        (lambda g, s: np.tensordot(np.asarray(s, float), g, axes=1) / len(s),
                         "number of micro-batches"),
                        (lambda g, s: g[:-1].mean(0), "drops the short micro-batch"),
+                       (lambda g, s: np.array(s) @ g / sum(s), "whatever shape follows"),
+                       (lambda g, s: (g * np.array(s, float)[:, None]).sum(0) / sum(s),
+                        "whatever shape follows"),
                        (lambda g, s: sum(gk * (n / max(s)) for gk, n in zip(g, s, strict=True))
                         / len(s),
                         "as if the short one were full"),

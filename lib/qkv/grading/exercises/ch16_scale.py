@@ -281,11 +281,17 @@ def _explain_all_reduce(probe, got, args, case):
     return None
 
 
+_ANY_SHAPE = ("Each rank's gradient is a matrix here: the ranks are axis 0, whatever shape "
+              "follows (np.tile(mean, (world_size, 1)) only fits 1-D gradients; "
+              "np.stack([mean] * world_size) fits any).")
+
+
 def _all_reduce_cases(hidden: bool):
-    if not hidden:
-        return [Case((_normal(_t.default_rng(16), 4, 6),), ("grads",))]
-    return [Case((_normal(_t.default_rng(17), 2, 3, 5),), ("grads",),
-                 "Each rank's gradient is a (3, 5) matrix here."),
+    if not hidden:  # a matrix too, so code that only fits 1-D gradients fails here, visibly
+        return [Case((_normal(_t.default_rng(16), 4, 6),), ("grads",)),
+                Case((_normal(_t.default_rng(15), 3, 2, 4),), ("grads",), _ANY_SHAPE,
+                     _ANY_SHAPE)]
+    return [Case((_normal(_t.default_rng(17), 2, 3, 5),), ("grads",), _ANY_SHAPE, _ANY_SHAPE),
             Case((_normal(_t.default_rng(18), 8, 33),), ("grads",), "This case has 8 ranks."),
             Case((_normal(_t.default_rng(19), 1, 4),), ("grads",), "This case has one rank.")]
 
@@ -348,13 +354,20 @@ def _accumulate_mistakes(micro_grads, sizes):
         lambda g, s: right / k)
 
 
+_WEIGHT_AXIS_0 = ("Each micro-batch's gradient is a matrix here: weight along axis 0, whatever "
+                  "shape follows (sizes @ micro_grads and sizes[:, None] only fit 1-D gradients; "
+                  "np.tensordot(sizes, micro_grads, axes=1) or a loop over k fits any).")
+
+
 def _accumulate_cases(hidden: bool):
     names = ("micro_grads", "sizes")
-    if not hidden:
+    if not hidden:  # a matrix too, so code that only fits 1-D gradients fails here, visibly
         return [Case((_normal(_t.default_rng(26), 3, 5), [4, 4, 2]), names,
-                     "The last micro-batch holds 2 windows, the others 4.")]
-    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names,
-                 "Each micro-batch's gradient is a (3, 4) matrix here."),
+                     "The last micro-batch holds 2 windows, the others 4."),
+                Case((_normal(_t.default_rng(25), 3, 2, 3), [2, 2, 1]), names, _WEIGHT_AXIS_0,
+                     _WEIGHT_AXIS_0)]
+    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names, _WEIGHT_AXIS_0,
+                 _WEIGHT_AXIS_0),
             Case((_normal(_t.default_rng(28), 4, 7), [5, 5, 5, 5]), names,
                  "Equal sizes here: the weighted mean is the plain mean."),
             Case((_normal(_t.default_rng(29), 1, 6), [7]), names, "This case has one micro-batch.")]
