@@ -95,6 +95,13 @@ def ring_without_all_gather(grads):  # the chapter's reduce-scatter, then stoppe
     return np.stack([np.concatenate(f).reshape(grads.shape[1:]) / world for f in flat])
 
 
+def accumulate_normalising_sizes_in_place(micro_grads, sizes):  # right values, caller's list
+    total = sum(sizes)
+    for k in range(len(sizes)):
+        sizes[k] = sizes[k] / total
+    return np.tensordot(np.asarray(sizes), micro_grads, axes=1)
+
+
 def accumulate_right(micro_grads, sizes):
     sizes = np.asarray(sizes, dtype=float)
     return np.tensordot(sizes, micro_grads, axes=1) / sizes.sum()
@@ -186,6 +193,7 @@ DECLARED = [
                         "number of micro-batches"),
                        (lambda g, s: g[:-1].mean(0), "drops the short micro-batch"),
                        (lambda g, s: np.array(s) @ g / sum(s), "whatever shape follows"),
+                       (accumulate_normalising_sizes_in_place, "changed its input sizes"),
                        (lambda g, s: (g * np.array(s, float)[:, None]).sum(0) / sum(s),
                         "whatever shape follows"),
                        (lambda g, s: sum(gk * (n / max(s)) for gk, n in zip(g, s, strict=True))
