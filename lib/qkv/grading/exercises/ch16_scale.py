@@ -57,6 +57,37 @@ def _flops_mistakes(vocab, context, n_layer, d_model):
         "{name} counts the position table as multiplied; wpe (and wte on the way in) is looked "
         "up, not multiplied: N = 12 n_layer d_model^2 + vocab d_model.",
         lambda *a: 6 * (n + C * d) + attention)
+    yield Mistake(
+        "{name} counts the backward pass as costing the same as the forward (4 N + 8 n_layer "
+        "context d_model). It costs TWICE the forward (dL/dx and dL/dW, one matmul each), so "
+        "training is 3 forwards: 6 N + 12 n_layer context d_model.",
+        lambda *a: 4 * n + 2 * attention // 3)
+    yield Mistake(
+        "{name} counts a multiply-add as one FLOP (3 N + 6 n_layer context d_model); it is two, "
+        "a multiply and an add, so the forward costs 2 FLOPs per weight: 6 N + 12 n_layer "
+        "context d_model for training.",
+        lambda *a: 3 * n + attention // 2)
+    yield Mistake(
+        "{name} counts the MLP as two d_model x d_model matrices (6 n_layer d_model^2 per "
+        "model); its hidden layer is 4 d_model wide, so the MLP holds 8 d_model^2 weights and a "
+        "layer 12 d_model^2 in all.",
+        lambda *a: 6 * (6 * L * d * d + V * d) + attention)
+    yield Mistake(
+        "{name} counts a whole window of context tokens; the task asks for one token: "
+        "6 N + 12 n_layer context d_model (context enters only through attention, where the "
+        "token meets every key and value).",
+        lambda *a: (6 * n + attention) * C)
+    yield Mistake(
+        "{name} counts attention as context^2 per token: that is the work of a whole window. "
+        "One token's query meets context keys and context values, 4 context d_model FLOPs per "
+        "layer forward: 12 n_layer context d_model for training.",
+        lambda *a: 6 * n + attention * C)
+    yield Mistake(
+        "{name} multiplies the full parameter count by 6 (with biases, layer norms and the "
+        "position table: 124,439,808 for GPT-2 small). Count only the weights a token is "
+        "multiplied by: N = 12 n_layer d_model^2 + vocab d_model; biases and norms are "
+        "negligible and the position table is looked up.",
+        lambda *a: 6 * (n + 13 * L * d + 2 * d + C * d) + attention)
 
 
 def _flops_cases(hidden: bool):
@@ -126,20 +157,44 @@ def _memory_mistakes(n_params, world_size, stage):
         "{name} shards one stage too early: stage 1 shards the optimizer state only (the "
         "gradients wait for stage 2, the weights for stage 3), and stage 0 shards nothing.",
         m(shard_from=(2, 1, 0)))
-    yield Mistake(
-        "{name} shards everything at every stage. Stage 1 shards the optimizer state only, "
-        "stage 2 also the gradients, stage 3 also the weights.",
-        m(shard_from=(1, 1, 1)))
+    for always in (0, 1):  # from stage 0 on, or from stage 1 on
+        yield Mistake(
+            "{name} shards everything at every stage. Stage 0 shards nothing, stage 1 the "
+            "optimizer state only, stage 2 also the gradients, stage 3 also the weights.",
+            m(shard_from=(always,) * 3))
     yield Mistake(
         "{name} shards nothing: at stage 1 and above each device keeps 1/world_size of the "
         "optimizer state (stage 2: of the gradients too; stage 3: of the weights too).",
         m(shard_from=(99, 99, 99)))
+    yield Mistake(
+        "{name} shards the parts in the wrong order: stage 1 shards the optimizer state (12 of "
+        "the 16 bytes, the biggest saving), stage 2 also the gradients, stage 3 also the weights.",
+        m(shard_from=(1, 2, 3)))
+    yield Mistake(
+        "{name} keeps float32 weights and gradients (4 + 4) AND a float32 master copy with the "
+        "moments (12): 20 bytes per parameter. Under ZeRO's mixed precision the working weights "
+        "and gradients are 16-bit (2 + 2); the only float32 weights are the master copy.",
+        m(w=4, g=4))
+    yield Mistake(
+        "{name} adds up the bytes of all world_size devices; the task asks for ONE device: a "
+        "sharded part is its total / world_size there, a part that is not sharded is all of it.",
+        lambda n, w, s: _memory(n, w, s) * w)
+    yield Mistake(
+        "{name} returns [optimizer, gradients, weights]; return the three parts in the task's "
+        "order: [weights, gradients, optimizer].",
+        lambda *a: _memory(*a)[::-1])
+    for unit, size in (("gigabytes (1e9 bytes)", 1e9), ("gibibytes (2**30 bytes)", 2**30)):
+        yield Mistake(
+            "{name} returns " + unit + "; return bytes (the task's example: [2e6, 2e6, 3e6] for "
+            "a million parameters on 4 devices at stage 1).",
+            lambda *a, size=size: _memory(*a) / size)
 
 
 def _memory_cases(hidden: bool):
     names = ("n_params", "world_size", "stage")
-    if not hidden:
-        return [Case((1_000_000, 4, 1), names), Case((1_000_000, 4, 2), names),
+    if not hidden:  # stage 0 too: an answer built from ints is int64 there, and must say so
+        return [Case((1_000_000, 4, 0), names, "Stage 0 is plain data parallelism (DDP)."),
+                Case((1_000_000, 4, 1), names), Case((1_000_000, 4, 2), names),
                 Case((1_000_000, 4, 3), names)]
     return [Case((124_439_808, 8, 0), names, "Stage 0 is plain data parallelism (DDP)."),
             Case((124_439_808, 8, 2), names),
@@ -190,13 +245,53 @@ def _all_reduce_mistakes(grads):
         "axis 0, entry by entry.",
         lambda g: _t.asarray(g, dtype=_t.float64) * 0.0
         + _t.asarray(g, dtype=_t.float64).mean(axis=tuple(range(1, g.ndim)), keepdims=True))
+    once = ("{name} returns the mean once; after an all-reduce EVERY rank holds it, so return "
+            "one copy per rank: the shape of grads, (world_size, ...), e.g. with np.stack or "
+            "np.broadcast_to(...).copy().")
+    yield Mistake(once, lambda g: right[0])
+    yield Mistake(once, lambda g: right[:1])
+    yield Mistake(
+        "{name} averages over every entry of every rank (a mean with no axis); average over the "
+        "ranks only, axis 0, entry by entry.",
+        lambda g: right * 0.0 + _t.asarray(g, dtype=_t.float64).mean())
+    if world > 1:
+        yield Mistake(
+            "{name} divides the sum by world_size - 1; the mean over world_size ranks divides by "
+            "world_size (the ring's world_size - 1 steps per phase are not the divisor).",
+            lambda g: right * world / (world - 1))
+
+
+def _explain_all_reduce(probe, got, args, case):
+    """A ring simulated without its all-gather: each rank holds a different part of the result
+    (its fully reduced chunk) and something else elsewhere."""
+    grads = _t.asarray(args[0], dtype=_t.float64)
+    world = _t.len_(grads)
+    if world < 2 or got.shape != grads.shape:
+        return None
+    mean = _reference_all_reduce(grads)
+    for target, divided in ((mean, True), (mean * world, False)):
+        right = _t.close_where(got, target, **_t.tolerances["float32_op"]).reshape(world, -1)
+        every_rank_part = all(0 < int(r.sum()) < r.size for r in right)
+        if every_rank_part and bool(right.any(axis=0).all()):
+            return ("Each rank holds the " + ("mean" if divided else "sum") + " on some entries "
+                    "only, a different part on each rank: that is a ring after its "
+                    "reduce-scatter, with the all-gather missing. In the all-gather each rank "
+                    "passes its fully reduced chunk on, world_size - 1 times, until every rank "
+                    "holds every chunk." + ("" if divided else " Then divide by world_size."))
+    return None
+
+
+_ANY_SHAPE = ("Each rank's gradient is a matrix here: the ranks are axis 0, whatever shape "
+              "follows (np.tile(mean, (world_size, 1)) only fits 1-D gradients; "
+              "np.stack([mean] * world_size) fits any).")
 
 
 def _all_reduce_cases(hidden: bool):
-    if not hidden:
-        return [Case((_normal(_t.default_rng(16), 4, 6),), ("grads",))]
-    return [Case((_normal(_t.default_rng(17), 2, 3, 5),), ("grads",),
-                 "Each rank's gradient is a (3, 5) matrix here."),
+    if not hidden:  # a matrix too, so code that only fits 1-D gradients fails here, visibly
+        return [Case((_normal(_t.default_rng(16), 4, 6),), ("grads",)),
+                Case((_normal(_t.default_rng(15), 3, 2, 4),), ("grads",), _ANY_SHAPE,
+                     _ANY_SHAPE)]
+    return [Case((_normal(_t.default_rng(17), 2, 3, 5),), ("grads",), _ANY_SHAPE, _ANY_SHAPE),
             Case((_normal(_t.default_rng(18), 8, 33),), ("grads",), "This case has 8 ranks."),
             Case((_normal(_t.default_rng(19), 1, 4),), ("grads",), "This case has one rank.")]
 
@@ -207,12 +302,40 @@ ALL_REDUCE_MEAN = Exercise(
     visible=lambda: _all_reduce_cases(False),
     hidden=lambda: _all_reduce_cases(True),
     mistakes=_all_reduce_mistakes,
+    explain=_explain_all_reduce,
     backends=("numpy",),
     doc="all_reduce_mean(grads) -> what every rank holds after an averaging all-reduce: "
         "grads (world_size, ...) -> (world_size, ...), each row the mean over ranks.",
 )
 
 # --- gradient accumulation with unequal micro-batches ---------------------------------------------
+
+
+class _KeepsSizes:
+    """The learner's function, called with its own copy of ``sizes`` (a list, which the
+    engine's copying leaves alone); remembers whether it changed that list in place."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__code__ = getattr(fn, "__code__", None)  # "not implemented yet" keeps working
+        self.changed = None
+
+    def __call__(self, micro_grads, sizes):
+        before = [n for n in sizes]
+        mine = [n for n in sizes]
+        try:
+            return self.fn(micro_grads, mine)
+        finally:
+            if self.changed is None and (_t.type_(mine) is not list or mine != before):
+                self.changed = before
+
+    def problem(self):
+        if self.changed is not None:
+            return (f"accumulate_gradients changed its input sizes (the list "
+                    f"{self.changed}) in place, e.g. with `sizes[k] = ...`; the caller still "
+                    f"needs it. Build a new list or array instead: `weights = np.asarray(sizes) "
+                    f"/ sum(sizes)`.")
+        return None
 
 
 def _reference_accumulate(micro_grads, sizes):
@@ -243,15 +366,35 @@ def _accumulate_mistakes(micro_grads, sizes):
         "{name} weights by size and divides by the number of micro-batches; divide by the "
         "number of windows, sum(n_k).",
         lambda g, s: right * float(sum(int(n) for n in s)) / k)
+    if k > 1 and int(sizes[-1]) < max(int(n) for n in sizes):
+        yield Mistake(
+            "{name} drops the short micro-batch; its windows count too: weight every "
+            "micro-batch by its size, sum(n_k g_k) / sum(n_k).",
+            lambda g, s: _t.asarray(micro_grads[:-1], dtype=_t.float64).mean(axis=0))
+    yield Mistake(
+        "{name} divides by K full micro-batches (K x the largest size), as if the short one "
+        "were full; divide by the windows that are there, sum(n_k).",
+        lambda g, s: right * float(sum(int(n) for n in s)) / (k * max(int(n) for n in s)))
+    yield Mistake(
+        "{name} divides by K on top of the size weights; the weights n_k / sum(n_k) already "
+        "add up to 1: sum(n_k g_k) / sum(n_k).",
+        lambda g, s: right / k)
+
+
+_WEIGHT_AXIS_0 = ("Each micro-batch's gradient is a matrix here: weight along axis 0, whatever "
+                  "shape follows (sizes @ micro_grads and sizes[:, None] only fit 1-D gradients; "
+                  "np.tensordot(sizes, micro_grads, axes=1) or a loop over k fits any).")
 
 
 def _accumulate_cases(hidden: bool):
     names = ("micro_grads", "sizes")
-    if not hidden:
+    if not hidden:  # a matrix too, so code that only fits 1-D gradients fails here, visibly
         return [Case((_normal(_t.default_rng(26), 3, 5), [4, 4, 2]), names,
-                     "The last micro-batch holds 2 windows, the others 4.")]
-    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names,
-                 "Each micro-batch's gradient is a (3, 4) matrix here."),
+                     "The last micro-batch holds 2 windows, the others 4."),
+                Case((_normal(_t.default_rng(25), 3, 2, 3), [2, 2, 1]), names, _WEIGHT_AXIS_0,
+                     _WEIGHT_AXIS_0)]
+    return [Case((_normal(_t.default_rng(27), 2, 3, 4), [3, 1]), names, _WEIGHT_AXIS_0,
+                 _WEIGHT_AXIS_0),
             Case((_normal(_t.default_rng(28), 4, 7), [5, 5, 5, 5]), names,
                  "Equal sizes here: the weighted mean is the plain mean."),
             Case((_normal(_t.default_rng(29), 1, 6), [7]), names, "This case has one micro-batch.")]
@@ -263,6 +406,7 @@ ACCUMULATE_GRADIENTS = Exercise(
     visible=lambda: _accumulate_cases(False),
     hidden=lambda: _accumulate_cases(True),
     mistakes=_accumulate_mistakes,
+    wrap=_KeepsSizes,
     backends=("numpy",),
     doc="accumulate_gradients(micro_grads, sizes) -> the gradient of the mean loss over all "
         "windows: micro_grads (K, ...) are per-micro-batch mean gradients, sizes (K,) their "
