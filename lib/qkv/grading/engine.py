@@ -188,7 +188,18 @@ def _call(spec: Spec, learner: Learner, case: Case):
     if exc is not None:
         raise AssertionError(_raised(spec.name, exc, case, learner.fn)) from exc
     for label, original, passed in copies:
-        if not _t.identical(passed, original):
+        if _t.type_(passed) is list:  # the same length and the same elements, as passed
+            same = _t.len_(passed) == _t.len_(original) and all(
+                a is b or (_t.type_(a) in (int, float, bool, str) and a == b)
+                for a, b in zip(passed, original, strict=False))
+        else:
+            same = _t.identical(passed, original)
+        if not same and _t.type_(passed) is list:
+            raise AssertionError(
+                f"{spec.name} changed its input {label} (a list) when called with "
+                f"{_describe(case)} (for example with `{label}.append(...)` or "
+                f"`{label}[k] = ...`). Leave the inputs alone and build a new list instead.")
+        if not same:
             raise AssertionError(
                 f"{spec.name} changed its input {label} in place (for example with "
                 f"`{label} -= ...` or `{label}[...] = ...`) when called with {_describe(case)}. "
@@ -215,13 +226,18 @@ def _attempt(fn, case: Case, backend: str):
 
 
 def _to_backend(value, label: str, torch, copies: list):
-    """A fresh copy of one argument (a tensor for the torch backend); remembers array copies."""
+    """A fresh copy of one argument (a tensor for the torch backend); remembers array and list
+    copies, to tell afterwards whether the learner changed them in place."""
     if _t.type_(value) is _t.ndarray:
         copy = value.copy()
         copies.append((label, value, copy))
         return copy if torch is None else torch.from_numpy(copy)
     if _t.type_(value) is dict:
         return {k: _to_backend(v, f"{label}[{k!r}]", torch, copies) for k, v in value.items()}
+    if _t.type_(value) is list:  # a fresh list, checked afterwards like an array
+        passed = [_to_backend(v, f"{label}[{i}]", torch, copies) for i, v in enumerate(value)]
+        copies.append((label, tuple(passed), passed))
+        return passed
     return value
 
 

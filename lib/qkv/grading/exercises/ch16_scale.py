@@ -311,33 +311,6 @@ ALL_REDUCE_MEAN = Exercise(
 # --- gradient accumulation with unequal micro-batches ---------------------------------------------
 
 
-class _KeepsSizes:
-    """The learner's function, called with its own copy of ``sizes`` (a list, which the
-    engine's copying leaves alone); remembers whether it changed that list in place."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.__code__ = getattr(fn, "__code__", None)  # "not implemented yet" keeps working
-        self.changed = None
-
-    def __call__(self, micro_grads, sizes):
-        before = [n for n in sizes]
-        mine = [n for n in sizes]
-        try:
-            return self.fn(micro_grads, mine)
-        finally:
-            if self.changed is None and (_t.type_(mine) is not list or mine != before):
-                self.changed = before
-
-    def problem(self):
-        if self.changed is not None:
-            return (f"accumulate_gradients changed its input sizes (the list "
-                    f"{self.changed}) in place, e.g. with `sizes[k] = ...`; the caller still "
-                    f"needs it. Build a new list or array instead: `weights = np.asarray(sizes) "
-                    f"/ sum(sizes)`.")
-        return None
-
-
 def _reference_accumulate(micro_grads, sizes):
     total, count = micro_grads[0] * 0.0, 0
     for g, n in zip(micro_grads, sizes, strict=True):
@@ -406,7 +379,6 @@ ACCUMULATE_GRADIENTS = Exercise(
     visible=lambda: _accumulate_cases(False),
     hidden=lambda: _accumulate_cases(True),
     mistakes=_accumulate_mistakes,
-    wrap=_KeepsSizes,
     backends=("numpy",),
     doc="accumulate_gradients(micro_grads, sizes) -> the gradient of the mean loss over all "
         "windows: micro_grads (K, ...) are per-micro-batch mean gradients, sizes (K,) their "
