@@ -38,6 +38,7 @@ import ctypes
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -240,6 +241,17 @@ def _isolate(hide: list[str], uid: int | None, tmp_mb: int, log: list[str]) -> b
         return False
 
 
+def _private_workdir(workdir: str, tmp_mb: int, log: list[str]) -> None:
+    """A tmpfs of this mount namespace on the working folder, when /tmp is the shared one (the
+    Python environment lives under it): otherwise a later kernel with the same uid, or any
+    kernel of a grader that is not root, could read this kernel's files (its connection key)."""
+    try:
+        _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=700")
+        log.append("private working folder (a tmpfs: /tmp is shared)")
+    except OSError as e:
+        log.append(f"could not make the working folder private: {e}")
+
+
 def _limits(own_uid: bool, log: list[str]) -> None:
     mb = 1 << 20
     limits = [
@@ -297,9 +309,12 @@ def main(argv: list[str]) -> None:
     hide = _env_paths("QKV_SANDBOX_HIDE")
     uid_text = os.environ.get("QKV_SANDBOX_UID", "").strip()
     uid = int(uid_text) if uid_text and os.getuid() == 0 else None
-    _isolate(hide, uid, _env_int("QKV_SANDBOX_TMP_MB", 512), log)
+    tmp_mb = _env_int("QKV_SANDBOX_TMP_MB", 512)
+    isolated = _isolate(hide, uid, tmp_mb, log)
 
     workdir = tempfile.mkdtemp(prefix="qkv-kernel-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    if isolated and any(line.startswith("kept /tmp") for line in log):
+        _private_workdir(workdir, tmp_mb, log)
     os.makedirs(os.path.join(workdir, ".tmp"))
     for rel, content in data.items():
         os.makedirs(os.path.dirname(os.path.join(workdir, rel)), exist_ok=True)
@@ -389,6 +404,20 @@ def kill_uid(uid: int) -> None:
             pass
         os._exit(0)
     os.waitpid(pid, 0)
+
+
+def remove_workdirs(uid: int) -> None:
+    """Delete the kernels' working folders that ``uid`` owns in /tmp (left there, empty or not,
+    when /tmp is the shared one). Needs root, like the uid itself."""
+    if os.getuid() != 0 or not os.path.isdir("/tmp"):
+        return
+    for name in os.listdir("/tmp"):
+        path = os.path.join("/tmp", name)
+        try:
+            if name.startswith("qkv-kernel-") and os.lstat(path).st_uid == uid:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

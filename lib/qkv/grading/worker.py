@@ -39,7 +39,7 @@ from ..data import local_corpus
 from .course import load_config, run
 from .feedback import add_section, ungradable_page
 from .integrity import FINDINGS, restore, scan
-from .sandbox import kill_uid, write_kernelspec
+from .sandbox import kill_uid, remove_workdirs, write_kernelspec
 
 FINDINGS.setdefault(
     "test-cell-not-run",
@@ -270,6 +270,7 @@ def grade(job: dict) -> dict:
         result["log_tail"] = traceback.format_exc()[-4000:]
     finally:
         kill_uid(uid)  # anything the kernel left running
+        remove_workdirs(uid)  # its working folders in a shared /tmp
         if not job.get("keep_scratch"):
             shutil.rmtree(scratch, ignore_errors=True)
     if page is None:

@@ -1,4 +1,5 @@
-"""The grading kernel reads the same corpus as the grader, even from under a closed folder.
+"""The grading sandbox: the kernel reads the same corpus as the grader, even from under a
+closed folder; its working folder stays its own when /tmp is shared.
 
 The sandbox gives each kernel a minimal environment (no $QKV_DATA) and, when it runs as a uid
 of its own, replaces every closed folder above the course (a home folder of mode 700) by one that
@@ -93,3 +94,61 @@ def test_without_a_corpus_the_kernel_gets_no_qkv_data(monkeypatch):
     monkeypatch.delenv("QKV_SANDBOX_DATA", raising=False)
     monkeypatch.setenv("QKV_DATA", "/somewhere/else.txt")  # the grader's own, never passed on
     assert "QKV_DATA" not in sandbox._kernel_env("/tmp/k")
+
+
+PRIVATE = textwrap.dedent("""
+    import importlib.util, os, sys
+    spec = importlib.util.spec_from_file_location("sb", sys.argv[1])
+    sb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sb)
+    log = []
+    if not sb._isolate([], None, 16, log):
+        print("not isolated"); sys.exit(0)
+    sb._private_workdir(sys.argv[2], 16, log)
+    with open(os.path.join(sys.argv[2], ".kernel.json"), "w") as f:
+        f.write("secret key")
+    print(open(os.path.join(sys.argv[2], ".kernel.json")).read())
+""")
+
+
+@needs_root
+def test_a_kernels_working_folder_stays_private_when_tmp_is_shared():
+    """With the Python environment under /tmp the sandbox keeps the shared /tmp; the working
+    folder (connection key included) then gets a tmpfs of the kernel's own mount namespace, so
+    nothing outside it, a later kernel of the same uid included, finds its files."""
+    import shutil
+    import tempfile
+
+    # outside /tmp, which the isolation itself replaces here (this Python does not live there)
+    workdir = Path(tempfile.mkdtemp(prefix="qkv-kernel-test-", dir=Path(__file__).parent))
+    try:
+        out = subprocess.run([sys.executable, "-c", PRIVATE, SANDBOX, str(workdir)],
+                             capture_output=True, text=True, timeout=60)
+        leftover = list(workdir.iterdir())
+    finally:
+        shutil.rmtree(workdir)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "not isolated":
+        pytest.skip("no mount namespace here")
+    assert out.stdout.strip() == "secret key"  # the kernel side wrote and read it
+    assert leftover == []  # outside its namespace: nothing
+
+
+@needs_root
+def test_a_finished_jobs_working_folders_are_removed():
+    import tempfile
+
+    left = Path(tempfile.mkdtemp(prefix="qkv-kernel-", dir="/tmp"))
+    mine = Path(tempfile.mkdtemp(prefix="qkv-kernel-", dir="/tmp"))
+    (left / ".kernel.json").write_text("x")
+    os.chown(left, KERNEL_UID, KERNEL_UID)
+    try:
+        sandbox.remove_workdirs(KERNEL_UID)
+        assert not left.exists()
+        assert mine.exists()  # another uid's (here root's) folder is not touched
+    finally:
+        for p in (left, mine):
+            if p.exists():
+                import shutil
+
+                shutil.rmtree(p)
