@@ -4,9 +4,9 @@ grouped-query attention and QK-norm.
 The references are qkv.np's own functions, captured here at import (before learner code runs).
 The catalogues hold the wrong answers the chapter warns about: an RMSNorm that subtracts the
 mean, RoPE with the wrong pairs (interleaved instead of half-split), another frequency base,
-positions not shifted by ``start`` (a KV cache's offset), rotated values or unrotated keys, a
-SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated, QK-norm after RoPE instead
-of before it.
+positions not shifted by ``start`` (a KV cache's offset), cos and sin swapped, rotated values or
+unrotated keys, a mask that hides the past, a SwiGLU gate on the wrong branch or a ReLU gate, K/V
+heads tiled instead of repeated (for k, v or both), QK-norm after RoPE instead of before it.
 """
 
 import math
@@ -37,10 +37,12 @@ BASE = 10000.0
 
 
 def _rms_variant(x, gamma, *, eps=1e-5, center=False, eps_outside=False, use_gamma=True,
-                 total=False, axis=-1, root=True):
+                 total=False, axis=-1, root=True, std=False):
     if center:
         x = x - x.mean(axis=axis, keepdims=True)
     ms = (x * x).sum(axis=axis, keepdims=True) if total else (x * x).mean(axis=axis, keepdims=True)
+    if std:  # np.std / np.var: the spread around the mean, while x itself stays uncentred
+        ms = x.var(axis=axis, keepdims=True)
     if not root:
         return x / (ms + eps) * gamma
     rms = np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps)
@@ -54,6 +56,9 @@ def _rms_mistakes(x, gamma):
     yield Mistake("{name} subtracts the mean first: that is layer norm. RMSNorm divides x itself "
                   "by its root mean square, x / sqrt(mean(x**2) + eps) * gamma, with no "
                   "centring.", v(center=True))
+    yield Mistake("{name} divides by the standard deviation (np.std or np.var subtract the mean "
+                  "inside); RMSNorm divides by the root mean square of x itself: "
+                  "np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps).", v(std=True))
     yield Mistake("{name} puts eps outside the square root; it belongs inside: "
                   "sqrt(mean(x**2) + eps).", v(eps_outside=True))
     yield Mistake("{name} leaves out eps (1e-5 by default, inside the square root).", v(eps=0.0))
@@ -110,15 +115,20 @@ RMS_NORM = Exercise(
 
 
 def _table(seq, d_head, start=0, base=BASE, step=2):
-    """cos, sin (seq, d_head/2); step=1: the exponent i / d_head instead of 2i / d_head."""
+    """cos, sin (seq, d_head/2); step=1: the exponent i / d_head instead of 2i / d_head;
+    step="linspace": exponents 0 .. -1 inclusive, as np.linspace(0, 1, d_head // 2) spreads them."""
     i = np.arange(d_head // 2, dtype=np.float64)
-    angles = np.outer(np.arange(start, start + seq, dtype=np.float64),
-                      base ** (-step * i / d_head))
+    exponents = (np.linspace(0.0, 1.0, d_head // 2) if step == "linspace"
+                 else step * i / d_head)
+    angles = np.outer(np.arange(start, start + seq, dtype=np.float64), base ** (-exponents))
     return np.cos(angles), np.sin(angles)
 
 
-def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1.0):
+def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1.0,
+                  swap=False):
     cos, sin = _table(x.shape[-2], x.shape[-1], start + shift, base, step)
+    if swap:
+        cos, sin = sin, cos
     return _ref_rope(x, cos.astype(x.dtype), (sign * sin).astype(x.dtype), layout)
 
 
@@ -146,6 +156,13 @@ def _rope_mistakes(x, start):
                   v(step=-2))
     yield Mistake("{name} rotates the wrong way: pair (a, b) becomes "
                   "(a cos - b sin, a sin + b cos).", v(sign=-1.0))
+    yield Mistake("{name} swaps cos and sin: pair (a, b) becomes (a cos - b sin, a sin + b cos), "
+                  "cos and sin of the angle p * theta_i. (At position 0 the angle is 0, so the "
+                  "row must come out unchanged.)", v(swap=True))
+    yield Mistake("{name} spreads the exponents from 0 to -1 inclusive (as np.linspace(0, 1, "
+                  "d_head // 2) does); they stop one step short of -1: theta_i = 10000 ** "
+                  "(-2 i / d_head) for i = 0 .. d_head/2 - 1, so np.arange(d_head // 2).",
+                  v(step="linspace"))
     if start:
         yield Mistake("{name} ignores start: the rows of x sit at positions start .. start + "
                       "seq - 1 (with a KV cache the new token is at the cache's position, not "
@@ -184,21 +201,34 @@ ROPE = Exercise(
 # --- attention with RoPE -------------------------------------------------------------------------
 
 
-def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True):
+def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True, future=False,
+            softmax_axis=-1):
     """Causal attention, or a wrong variant: scale "sqrt" | "none" | "d" (divides by d_head);
-    diagonal "nan" or "zero" also masks each query's own key, as `np.triu(..., k=0)` does; then
-    query 0 sees nothing, and a plain softmax gives it nan (a guarded one, zeros)."""
+    diagonal "nan", "zero" or "mean" also masks each query's own key, as `np.triu(..., k=0)`
+    does; then query 0 sees nothing, and a plain softmax gives it nan (a guarded one, zeros; a
+    mask of -1e9 instead of -inf, the mean of all the values); future=True
+    keeps the keys j >= i instead of j <= i (np.tril and np.triu mixed up); softmax_axis=-2
+    normalises each key's column over the queries."""
     d_head = q.shape[-1]
+    seq = q.shape[-2]
     if scale == "none":
         q = q * math.sqrt(d_head)  # undoes the reference's 1/sqrt(d_head)
     elif scale == "d":
         q = q / math.sqrt(d_head)
+    if future:
+        return _ref_attention(q, k, v, mask=np.tri(seq, seq, dtype=bool).T)
+    if softmax_axis != -1:
+        scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(d_head)  # (..., seq, seq)
+        scores = np.where(np.tri(seq, seq, dtype=bool), scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=softmax_axis, keepdims=True))
+        return weights / weights.sum(axis=softmax_axis, keepdims=True) @ v
     if diagonal is True:
         return _ref_attention(q, k, v, causal=causal)
-    seq = q.shape[-2]
     out = _ref_attention(q, k, v, mask=np.tri(seq, seq, -1, dtype=bool))  # row 0: zeros
     if diagonal == "nan":
         out[..., 0, :] = np.nan
+    elif diagonal == "mean":
+        out[..., 0, :] = v.mean(axis=-2)
     return out
 
 
@@ -213,13 +243,19 @@ def _attention_mistakes(var):
     """The mistakes of the attention around RoPE or GQA, each made by ``var(**knobs)``."""
     yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
                   var(causal=False))
-    for diagonal in ("nan", "zero"):
+    for diagonal in ("nan", "zero", "mean"):
         yield Mistake("{name} also masks the diagonal: a position attends to itself and the "
                       "past (key j <= query i), so only the keys after it (j > i) are hidden.",
                       var(diagonal=diagonal))
     yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale="none"))
     yield Mistake("{name} divides the scores by d_head; the scale is 1 / sqrt(d_head).",
                   var(scale="d"))
+    yield Mistake("{name} hides the past instead of the future (np.tril and np.triu mixed up, "
+                  "or the mask transposed): query i may attend keys j <= i, so the -inf goes "
+                  "above the diagonal, where j > i.", var(future=True))
+    yield Mistake("{name} takes the softmax over the queries (axis -2); each query's weights "
+                  "over the keys, the last axis, must sum to 1: softmax along axis=-1.",
+                  var(softmax_axis=-2))
 
 
 def _rotary_mistakes(q, k, v):
@@ -282,6 +318,9 @@ def _swiglu_mistakes(x, w_gate, w_up, w_down):
     yield Mistake("{name} gates the wrong branch: SiLU goes on x @ w_gate, and x @ w_up stays "
                   "linear: (silu(x @ w_gate) * (x @ w_up)) @ w_down.",
                   lambda x, g, u, d: _swiglu_ref(x, u, g, d))
+    yield Mistake("{name} gates with ReLU, max(z, 0); SwiGLU's gate is SiLU, z * sigmoid(z), "
+                  "which is smooth and slightly negative for z < 0.",
+                  lambda x, g, u, d: (np.maximum(x @ g, 0.0) * (x @ u)) @ d)
     yield Mistake("{name} uses GELU as the gate; SwiGLU's gate is SiLU, z * sigmoid(z).",
                   lambda x, g, u, d: (_ref_gelu(x @ g) * (x @ u)) @ d)
     yield Mistake("{name} gates with sigmoid(z) (the original GLU); SwiGLU uses "
@@ -456,13 +495,18 @@ REPEAT_KV = Exercise(
 )
 
 
-def _gqa_variant(q, k, v, *, tiled=False, **attend):
+def _gqa_variant(q, k, v, *, tiled=False, tiled_k=None, tiled_v=None, rope=False, **attend):
+    """tiled: both K and V tiled; tiled_k / tiled_v: only one of them (the other repeated)."""
     n_rep = q.shape[-3] // k.shape[-3]
 
-    def rep(t):
-        return _concat([t] * n_rep, axis=-3) if tiled else _repeat(t, n_rep, axis=-3)
+    def rep(t, tile):
+        return _concat([t] * n_rep, axis=-3) if tile else _repeat(t, n_rep, axis=-3)
 
-    return _attend(q, rep(k), rep(v), **attend)
+    k = rep(k, tiled if tiled_k is None else tiled_k)
+    v = rep(v, tiled if tiled_v is None else tiled_v)
+    if rope:
+        q, k = _rope_variant(q, 0), _rope_variant(k, 0)
+    return _attend(q, k, v, **attend)
 
 
 def _gqa_mistakes(q, k, v):
@@ -470,6 +514,16 @@ def _gqa_mistakes(q, k, v):
                   "it belongs to group h // (n_head // n_kv_head): repeat each K/V head next "
                   "to itself (np.repeat, not np.tile).",
                   lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
+    for tiled, repeated in (("values", "keys"), ("keys", "values")):
+        yield Mistake(f"{{name}} repeats the {repeated} head by head (kv0 kv0 kv1 kv1) but tiles "
+                      f"the {tiled} (kv0 kv1 kv0 kv1), so a query head reads the keys of one "
+                      "K/V head and the values of another. Group both the same way: "
+                      "np.repeat(..., n_rep, axis=-3) for k and for v.",
+                      lambda q, k, v, t=tiled: _gqa_variant(q, k, v, tiled_k=t == "keys",
+                                                            tiled_v=t == "values"))
+    yield Mistake("{name} rotates q and k with RoPE; this task has none (the heads come as they "
+                  "are): softmax(q k^T / sqrt(d_head) + M) v, query head h with K/V head "
+                  "h // n_rep.", lambda q, k, v: _gqa_variant(q, k, v, rope=True))
     yield from _attention_mistakes(
         lambda **knobs: lambda q, k, v: _gqa_variant(q, k, v, **knobs))
     yield Mistake("{name} tiles the K/V heads and has no causal mask.",
