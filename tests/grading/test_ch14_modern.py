@@ -60,6 +60,15 @@ def rope_rotate_half(x, start):
     return x * np.cos(ang) + rotated * np.sin(ang)
 
 
+def rope_rotate_half_repeated(x, start):
+    """Hugging Face's rotate_half, but the angle table repeated with np.repeat (wrong)."""
+    seq, d = x.shape[-2:]
+    ang = np.arange(start, start + seq)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d)
+    ang = np.repeat(ang, 2, axis=-1)
+    rotated = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
+    return x * np.cos(ang) + rotated * np.sin(ang)
+
+
 def softmax(s):
     e = np.exp(s - s.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -175,6 +184,7 @@ DECLARED = [
             (lambda x, g: x / np.sqrt(np.sum(x**2, -1, keepdims=True) + 1e-5) * g,
              "sum of x**2"),
             (lambda x, g: rms_norm(x, 1.0), "forgets to scale by gamma"),
+            (lambda x, g: rms_norm(x, 1.0) + g, "adds gamma"),
             (lambda x, g: rms_norm(x, g, eps=0.0), "leaves out eps"),
             (lambda x, g: rms_norm(x, g, eps=1e-6), "eps = 1e-6"),
             (lambda x, g: x / (np.mean(x**2, -1, keepdims=True) + 1e-5) * g, "mean square itself"),
@@ -200,6 +210,8 @@ DECLARED = [
             (lambda x, s: rope(x, s + 1), "start + 1"),
             (lambda x, s: rope(x, s, swap=True), "swaps cos and sin"),
             (lambda x, s: rope(x, s, exponent="linspace"), "np.linspace"),
+            (lambda x, s: rope(x, s, exponent=4), "-4 i / d_head"),
+            (rope_rotate_half_repeated, "repeats the angles coordinate by coordinate"),
         ],
         alternatives=[rope, rope_complex, rope_rotate_half],
     ),
@@ -234,6 +246,9 @@ DECLARED = [
             (lambda x, g, u, d: (silu(x @ u) * (x @ g)) @ d, "gates the wrong branch"),
             (lambda x, g, u, d: (gelu(x @ g) * (x @ u)) @ d, "uses GELU"),
             (lambda x, g, u, d: (np.maximum(x @ g, 0) * (x @ u)) @ d, "gates with ReLU"),
+            (lambda x, g, u, d: ((x @ g) / (1 + np.exp(x @ g)) * (x @ u)) @ d,
+             "sign in the sigmoid flipped"),
+            (lambda x, g, u, d: ((x @ g) * (x @ u)) @ d, "gate's nonlinearity"),
             (lambda x, g, u, d: ((1 / (1 + np.exp(-(x @ g)))) * (x @ u)) @ d, "sigmoid(z)"),
             (lambda x, g, u, d: silu((x @ g) * (x @ u)) @ d, "after the product"),
             (lambda x, g, u, d: (silu(x @ g) + x @ u) @ d, "adds the two branches"),

@@ -71,6 +71,8 @@ def _rms_mistakes(x, gamma):
     yield Mistake("{name} uses the sum of x**2, not its mean: divide by "
                   "sqrt(mean(x**2, axis=-1) + eps).", v(total=True))
     yield Mistake("{name} forgets to scale by gamma: return x / rms * gamma.", v(use_gamma=False))
+    yield Mistake("{name} adds gamma; it is a scale (RMSNorm has no shift): x / rms * gamma.",
+                  lambda x, gamma: _rms_variant(x, gamma, use_gamma=False) + gamma)
     for axis in range(-x.ndim, -1):
         yield Mistake(f"{{name}} takes the mean along axis {axis}; each vector x[..., :] (the "
                       "last axis) gets its own root mean square.", v(axis=axis))
@@ -129,7 +131,20 @@ def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1
     cos, sin = _table(x.shape[-2], x.shape[-1], start + shift, base, step)
     if swap:
         cos, sin = sin, cos
-    return _ref_rope(x, cos.astype(x.dtype), (sign * sin).astype(x.dtype), layout)
+    cos, sin = cos.astype(x.dtype), (sign * sin).astype(x.dtype)
+    if layout in ("half", "interleaved"):
+        return _ref_rope(x, cos, sin, layout)
+    # x * cos + rotate(x) * sin with one layout's pairs and the other's angles per coordinate:
+    # "half-repeat" pairs (i, i + d_head/2) but gives coordinate j the angle of pair j // 2
+    # (np.repeat); "interleaved-concat" pairs (2i, 2i+1) but gives j the angle of j % (d_head/2)
+    half = x.shape[-1] // 2
+    if layout == "half-repeat":
+        cos, sin = _repeat(cos, 2, axis=-1), _repeat(sin, 2, axis=-1)
+        rotated = _concat([-x[..., half:], x[..., :half]], axis=-1)
+    else:
+        cos, sin = _concat([cos, cos], axis=-1), _concat([sin, sin], axis=-1)
+        rotated = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin
 
 
 def _ref_rope_ex(x, start):
@@ -146,6 +161,16 @@ def _rope_mistakes(x, start):
                   "the RoFormer paper. This task (like Hugging Face's Llama) pairs coordinate i "
                   "with i + d_head/2: the first half holds every pair's first coordinate.",
                   v(layout="interleaved"))
+    yield Mistake("{name} pairs coordinate i with i + d_head/2, as asked, but repeats the angles "
+                  "coordinate by coordinate (np.repeat: theta_0, theta_0, theta_1, ...), which "
+                  "is the interleaved layout's table. With half-split pairs both halves use the "
+                  "same angles: np.concatenate([angles, angles], axis=-1), or rotate the halves "
+                  "a = x[..., :d_head//2] and b = x[..., d_head//2:] with one (seq, d_head/2) "
+                  "table.", v(layout="half-repeat"))
+    yield Mistake("{name} rotates neighbouring coordinates (2i, 2i+1) with the half-split "
+                  "layout's table (angles concatenated twice). This task pairs coordinate i "
+                  "with i + d_head/2, and pair i turns by p * theta_i.",
+                  v(layout="interleaved-concat"))
     for base in (1000.0, 100000.0, 500000.0):
         yield Mistake(f"{{name}} uses the frequency base {base:g}; this task uses 10,000: "
                       "theta_i = 10000 ** (-2 i / d_head).", v(base=base))
@@ -163,6 +188,9 @@ def _rope_mistakes(x, start):
                   "d_head // 2) does); they stop one step short of -1: theta_i = 10000 ** "
                   "(-2 i / d_head) for i = 0 .. d_head/2 - 1, so np.arange(d_head // 2).",
                   v(step="linspace"))
+    yield Mistake("{name} uses the exponent -4 i / d_head (np.arange(0, d_head, 2) divided by "
+                  "d_head / 2): either 2 i / d_head with i = 0, 1, ..., or np.arange(0, d_head, "
+                  "2) / d_head.", v(step=4))
     if start:
         yield Mistake("{name} ignores start: the rows of x sit at positions start .. start + "
                       "seq - 1 (with a KV cache the new token is at the cache's position, not "
@@ -321,6 +349,12 @@ def _swiglu_mistakes(x, w_gate, w_up, w_down):
     yield Mistake("{name} gates with ReLU, max(z, 0); SwiGLU's gate is SiLU, z * sigmoid(z), "
                   "which is smooth and slightly negative for z < 0.",
                   lambda x, g, u, d: (np.maximum(x @ g, 0.0) * (x @ u)) @ d)
+    yield Mistake("{name} has the sign in the sigmoid flipped: sigmoid(z) = 1 / (1 + exp(-z)), "
+                  "so silu(z) = z / (1 + exp(-z)).",
+                  lambda x, g, u, d: ((x @ g) * sig(-(x @ g)) * (x @ u)) @ d)
+    yield Mistake("{name} leaves out the gate's nonlinearity: (x @ w_gate) * (x @ w_up) is "
+                  "bilinear; SiLU goes on the gate branch: silu(x @ w_gate) * (x @ w_up).",
+                  lambda x, g, u, d: ((x @ g) * (x @ u)) @ d)
     yield Mistake("{name} uses GELU as the gate; SwiGLU's gate is SiLU, z * sigmoid(z).",
                   lambda x, g, u, d: (_ref_gelu(x @ g) * (x @ u)) @ d)
     yield Mistake("{name} gates with sigmoid(z) (the original GLU); SwiGLU uses "
