@@ -21,7 +21,6 @@ from ..exercise import Exercise
 from ..kinds import Array
 
 _ref_rms_norm = _qnp.rms_norm
-_ref_layer_norm = _qnp.layer_norm
 _ref_rope = _qnp.rope
 _ref_attention = _qnp.scaled_dot_product_attention
 _ref_swiglu = _qnp.swiglu
@@ -29,7 +28,6 @@ _ref_repeat_kv = _qnp.repeat_kv
 _ref_silu = _qnp.silu
 _ref_gelu = _qnp.gelu
 _concat = np.concatenate
-_tile = np.tile
 _repeat = np.repeat
 BASE = 10000.0
 
@@ -134,9 +132,8 @@ def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1
     cos, sin = cos.astype(x.dtype), (sign * sin).astype(x.dtype)
     if layout in ("half", "interleaved"):
         return _ref_rope(x, cos, sin, layout)
-    # x * cos + rotate(x) * sin with one layout's pairs and the other's angles per coordinate:
-    # "half-repeat" pairs (i, i + d_head/2) but gives coordinate j the angle of pair j // 2
-    # (np.repeat); "interleaved-concat" pairs (2i, 2i+1) but gives j the angle of j % (d_head/2)
+    # one layout's pairs with the other's angle per coordinate: "half-repeat" (np.repeat'ed
+    # angles) or "interleaved-concat" (concatenated angles)
     half = x.shape[-1] // 2
     if layout == "half-repeat":
         cos, sin = _repeat(cos, 2, axis=-1), _repeat(sin, 2, axis=-1)
@@ -161,16 +158,12 @@ def _rope_mistakes(x, start):
                   "the RoFormer paper. This task (like Hugging Face's Llama) pairs coordinate i "
                   "with i + d_head/2: the first half holds every pair's first coordinate.",
                   v(layout="interleaved"))
-    yield Mistake("{name} pairs coordinate i with i + d_head/2, as asked, but repeats the angles "
-                  "coordinate by coordinate (np.repeat: theta_0, theta_0, theta_1, ...), which "
-                  "is the interleaved layout's table. With half-split pairs both halves use the "
-                  "same angles: np.concatenate([angles, angles], axis=-1), or rotate the halves "
-                  "a = x[..., :d_head//2] and b = x[..., d_head//2:] with one (seq, d_head/2) "
-                  "table.", v(layout="half-repeat"))
+    yield Mistake("{name} pairs i with i + d_head/2, as asked, but repeats the angles coordinate "
+                  "by coordinate (np.repeat: theta_0, theta_0, theta_1, ...: the interleaved "
+                  "layout's table). Both halves take the same (seq, d_head/2) angles "
+                  "(np.concatenate([angles, angles], axis=-1)).", v(layout="half-repeat"))
     yield Mistake("{name} rotates neighbouring coordinates (2i, 2i+1) with the half-split "
-                  "layout's table (angles concatenated twice). This task pairs coordinate i "
-                  "with i + d_head/2, and pair i turns by p * theta_i.",
-                  v(layout="interleaved-concat"))
+                  "table; pair i here is (i, i + d_head/2).", v(layout="interleaved-concat"))
     for base in (1000.0, 100000.0, 500000.0):
         yield Mistake(f"{{name}} uses the frequency base {base:g}; this task uses 10,000: "
                       "theta_i = 10000 ** (-2 i / d_head).", v(base=base))
@@ -181,16 +174,14 @@ def _rope_mistakes(x, start):
                   v(step=-2))
     yield Mistake("{name} rotates the wrong way: pair (a, b) becomes "
                   "(a cos - b sin, a sin + b cos).", v(sign=-1.0))
-    yield Mistake("{name} swaps cos and sin: pair (a, b) becomes (a cos - b sin, a sin + b cos), "
-                  "cos and sin of the angle p * theta_i. (At position 0 the angle is 0, so the "
-                  "row must come out unchanged.)", v(swap=True))
-    yield Mistake("{name} spreads the exponents from 0 to -1 inclusive (as np.linspace(0, 1, "
-                  "d_head // 2) does); they stop one step short of -1: theta_i = 10000 ** "
-                  "(-2 i / d_head) for i = 0 .. d_head/2 - 1, so np.arange(d_head // 2).",
-                  v(step="linspace"))
+    yield Mistake("{name} swaps cos and sin: pair (a, b) becomes (a cos - b sin, a sin + b cos); "
+                  "at position 0 (angle 0) a row comes out unchanged.", v(swap=True))
+    yield Mistake("{name} spreads the exponents from 0 to -1 inclusive, as np.linspace(0, 1, "
+                  "d_head // 2) does; they stop one step short: -2 i / d_head, i = 0 .. "
+                  "d_head/2 - 1.", v(step="linspace"))
     yield Mistake("{name} uses the exponent -4 i / d_head (np.arange(0, d_head, 2) divided by "
-                  "d_head / 2): either 2 i / d_head with i = 0, 1, ..., or np.arange(0, d_head, "
-                  "2) / d_head.", v(step=4))
+                  "d_head / 2); it is -2 i / d_head = -np.arange(0, d_head, 2) / d_head.",
+                  v(step=4))
     if start:
         yield Mistake("{name} ignores start: the rows of x sit at positions start .. start + "
                       "seq - 1 (with a KV cache the new token is at the cache's position, not "
