@@ -308,6 +308,8 @@ DECLARED.append(Declared(
         (lambda *a: qk_norm_attention(*a, causal=False), "no causal mask"),
         (lambda *a: qk_norm_attention(*a, scale=1.0), "sqrt(d_head)"),
         (lambda *a: qk_norm_attention(*a, tri=np.triu), "hides the past"),
+        (lambda q, k, v, gq, gk: rotary_attention(rms_norm(q, gq, eps=1e-6),
+                                                  rms_norm(k, gk, eps=1e-6), v), "eps = 1e-6"),
     ],
     alternatives=[qk_norm_attention, qk_norm_attention_torch,
                   lambda q, k, v, gq, gk: rotary_attention(rms_norm(q, gq), rms_norm(k, gk), v)],

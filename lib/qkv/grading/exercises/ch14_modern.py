@@ -385,7 +385,7 @@ def _swiglu_cases(hidden):
 
 def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=False,
                      norm_q=True, norm_k=True, gammas="qk", center=False, axis=-1, total=False,
-                     use_gamma=True, **attend):
+                     use_gamma=True, eps=1e-5, **attend):
     """RMSNorm on q and k (each with its own gamma), then RoPE, then causal attention; the
     knobs make the wrong versions (order "rope-norm" rotates first; gammas "kq" swaps the
     scales, "qq" and "kk" use one of them for both)."""
@@ -395,7 +395,7 @@ def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=Fal
     def norm(t, g, on):
         # the length, np.linalg.norm, comes without an eps
         return _rms_variant(t, g, center=center, axis=axis, total=total, use_gamma=use_gamma,
-                            eps=0.0 if total else 1e-5) if on else t
+                            eps=0.0 if total else eps) if on else t
 
     def rot(t):
         return _rope_variant(t, 0)
@@ -429,6 +429,8 @@ def _qk_norm_mistakes(q, k, v, gamma_q, gamma_k):
                       "gamma_q for q, gamma_k for k.", var(gammas=one + one))
     yield Mistake("{name} leaves out the learned scales: multiply the normalised q by gamma_q "
                   "and k by gamma_k.", var(use_gamma=False))
+    yield Mistake("{name} uses eps = 1e-6 (Hugging Face Llama configs often do); this task's "
+                  "RMSNorm uses eps = 1e-5.", var(eps=1e-6))
     yield Mistake("{name} divides by the length sqrt(sum(x**2)); RMSNorm divides by the root "
                   "mean square, sqrt(mean(x**2) + eps), sqrt(d_head) times smaller.",
                   var(total=True))
