@@ -30,6 +30,10 @@ _ref_gelu = _qnp.gelu
 _concat = np.concatenate
 _repeat = np.repeat
 BASE = 10000.0
+# said after an exception on a batched input (the case's note is kept for wrong values)
+_LEADING = ("The leading axes are (batch, n_head) here: seq and d_head are the last two axes "
+            "(shape[-2:]), transpose with np.swapaxes(t, -1, -2) (t.T reverses every axis), and "
+            "a (seq, ...) table broadcasts over the rest.")
 
 # --- RMSNorm -------------------------------------------------------------------------------------
 
@@ -197,9 +201,11 @@ def _rope_cases(hidden):
     names = ("x", "start")
     if not hidden:
         rng = _t.default_rng(1402)
-        return [Case((_normal(rng, 6, 8), 3), names, "start = 3: the rows sit at positions 3..8."),
+        return [Case((_normal(rng, 6, 8), 3), names, "start = 3: the rows sit at positions 3..8.",
+                     "The angle table is (seq, d_head // 2) = (6, 4): positions "
+                     "np.arange(start, start + seq), one per row of x."),
                 Case((_normal(rng, 2, 3, 5, 16), 0), names,
-                     "x is (batch, n_head, seq, d_head) here, start = 0.")]
+                     "x is (batch, n_head, seq, d_head) here, start = 0.", _LEADING)]
     rng = _t.default_rng(14102)
     return [Case((_normal(rng, 1, 8), 40), names, "One row at position 40, as when generating "
                                                   "with a KV cache."),
@@ -223,11 +229,9 @@ ROPE = Exercise(
 def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True, future=False,
             softmax_axis=-1):
     """Causal attention, or a wrong variant: scale "sqrt" | "none" | "d" (divides by d_head);
-    diagonal "nan", "zero" or "mean" also masks each query's own key, as `np.triu(..., k=0)`
-    does; then query 0 sees nothing, and a plain softmax gives it nan (a guarded one, zeros; a
-    mask of -1e9 instead of -inf, the mean of all the values); future=True
-    keeps the keys j >= i instead of j <= i (np.tril and np.triu mixed up); softmax_axis=-2
-    normalises each key's column over the queries."""
+    diagonal "nan", "zero" or "mean" also masks each query's own key (np.triu(..., k=0)), so
+    query 0 sees nothing: nan from a plain softmax, zeros from a guarded one, the mean of v from
+    -1e9; future=True keeps keys j >= i (tril and triu mixed up); softmax_axis=-2."""
     d_head = q.shape[-1]
     seq = q.shape[-2]
     if scale == "none":
@@ -305,7 +309,7 @@ def _rotary_cases(hidden):
         rng = _t.default_rng(1403)
         return [Case(_rotary_args(rng, seq=5, d_head=8), names),
                 Case(_rotary_args(rng, 2, 3, seq=4, d_head=16), names,
-                     "q, k, v are (batch, n_head, seq, d_head) here.")]
+                     "q, k, v are (batch, n_head, seq, d_head) here.", _LEADING)]
     rng = _t.default_rng(14103)
     return [Case(_rotary_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
                  "float32 here."),
@@ -397,15 +401,11 @@ def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=Fal
         return _rms_variant(t, g, center=center, axis=axis, total=total, use_gamma=use_gamma,
                             eps=0.0 if total else eps) if on else t
 
-    def rot(t):
-        return _rope_variant(t, 0)
-
     if order == "rope-norm":
-        q, k = norm(rot(q), gamma_q, norm_q), norm(rot(k), gamma_k, norm_k)
-    else:
-        q, k = norm(q, gamma_q, norm_q), norm(k, gamma_k, norm_k)
-        if order == "norm-rope":
-            q, k = rot(q), rot(k)
+        q, k = _rope_variant(q, 0), _rope_variant(k, 0)
+    q, k = norm(q, gamma_q, norm_q), norm(k, gamma_k, norm_k)
+    if order == "norm-rope":
+        q, k = _rope_variant(q, 0), _rope_variant(k, 0)
     return _attend(q, k, norm(v, gamma_k, norm_v), **attend)
 
 
@@ -454,7 +454,7 @@ def _qk_norm_cases(hidden):
         return [Case(_qk_norm_args(rng, seq=5, d_head=8), names),
                 Case(_qk_norm_args(rng, 2, 3, seq=6, d_head=16, scale=50.0), names,
                      "q and k are 50 times larger than usual here, and (batch, n_head, seq, "
-                     "d_head).")]
+                     "d_head).", _LEADING)]
     rng = _t.default_rng(14107)
     return [Case(_qk_norm_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
                  "float32 here."),
@@ -522,15 +522,13 @@ REPEAT_KV = Exercise(
 )
 
 
-def _gqa_variant(q, k, v, *, tiled=False, tiled_k=None, tiled_v=None, rope=False, **attend):
-    """tiled: both K and V tiled; tiled_k / tiled_v: only one of them (the other repeated)."""
+def _gqa_variant(q, k, v, *, tiled_k=False, tiled_v=False, rope=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
 
-    def rep(t, tile):
+    def rep(t, tile):  # tiled: kv0 kv1 kv0 kv1 (wrong); repeated: kv0 kv0 kv1 kv1
         return _concat([t] * n_rep, axis=-3) if tile else _repeat(t, n_rep, axis=-3)
 
-    k = rep(k, tiled if tiled_k is None else tiled_k)
-    v = rep(v, tiled if tiled_v is None else tiled_v)
+    k, v = rep(k, tiled_k), rep(v, tiled_v)
     if rope:
         q, k = _rope_variant(q, 0), _rope_variant(k, 0)
     return _attend(q, k, v, **attend)
@@ -540,7 +538,7 @@ def _gqa_mistakes(q, k, v):
     yield Mistake("{name} pairs query head h with K/V head h % n_kv_head (the K/V stack tiled); "
                   "it belongs to group h // (n_head // n_kv_head): repeat each K/V head next "
                   "to itself (np.repeat, not np.tile).",
-                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled_k=True, tiled_v=True))
     for tiled, repeated in (("values", "keys"), ("keys", "values")):
         yield Mistake(f"{{name}} repeats the {repeated} head by head (kv0 kv0 kv1 kv1) but tiles "
                       f"the {tiled} (kv0 kv1 kv0 kv1), so a query head reads the keys of one "
@@ -554,7 +552,8 @@ def _gqa_mistakes(q, k, v):
     yield from _attention_mistakes(
         lambda **knobs: lambda q, k, v: _gqa_variant(q, k, v, **knobs))
     yield Mistake("{name} tiles the K/V heads and has no causal mask.",
-                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True, causal=False))
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled_k=True, tiled_v=True,
+                                                causal=False))
 
 
 def _gqa_args(rng, *lead, n_head, n_kv, seq, d_head, dtype=np.float64):
@@ -563,14 +562,18 @@ def _gqa_args(rng, *lead, n_head, n_kv, seq, d_head, dtype=np.float64):
             _normal(rng, *lead, n_kv, seq, d_head, dtype=dtype))
 
 
+_GROUPS = ("The heads are axis -3 (q has n_head of them, k and v n_kv_head): repeat k and v "
+           "n_head // n_kv_head times along axis -3 before the scores.")
+
+
 def _gqa_cases(hidden):
     names = ("q", "k", "v")
     if not hidden:
         rng = _t.default_rng(1406)
         return [Case(_gqa_args(rng, n_head=4, n_kv=2, seq=5, d_head=8), names,
-                     "4 query heads share 2 K/V heads: heads 0, 1 read K/V head 0."),
+                     "4 query heads share 2 K/V heads: heads 0, 1 read K/V head 0.", _GROUPS),
                 Case(_gqa_args(rng, 2, n_head=6, n_kv=3, seq=4, d_head=4), names,
-                     "batch 2, 6 query heads, 3 K/V heads.")]
+                     "batch 2, 6 query heads, 3 K/V heads.", _GROUPS)]
     rng = _t.default_rng(14106)
     return [Case(_gqa_args(rng, n_head=4, n_kv=1, seq=6, d_head=8), names,
                  "n_kv_head = 1: multi-query attention."),
