@@ -60,6 +60,15 @@ def rope_rotate_half(x, start):
     return x * np.cos(ang) + rotated * np.sin(ang)
 
 
+def rope_positions_short(x, start):
+    """np.arange(start, seq): seq - start positions, too few rows for the table (raises)."""
+    seq, d = x.shape[-2:]
+    ang = np.outer(np.arange(start, seq), 10000.0 ** (-np.arange(0, d, 2) / d))
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([a * np.cos(ang) - b * np.sin(ang), a * np.sin(ang) + b * np.cos(ang)],
+                          axis=-1)
+
+
 def rope_rotate_half_repeated(x, start):
     """Hugging Face's rotate_half, but the angle table repeated with np.repeat (wrong)."""
     seq, d = x.shape[-2:]
@@ -90,6 +99,14 @@ def rotary_attention(q, k, v, rot_v=False, rot_k=True, causal=True, interleaved=
     return attention(rope(q, 0, interleaved=interleaved),
                      rope(k, 0, interleaved=interleaved) if rot_k else k,
                      rope(v, 0) if rot_v else v, causal=causal)
+
+
+def rotary_attention_k_T(q, k, v):
+    """Right for one sequence; k.T of a (batch, n_head, seq, d_head) k reverses every axis."""
+    q, k = rope(q, 0), rope(k, 0)
+    n = q.shape[-2]
+    s = np.where(np.tril(np.ones((n, n), dtype=bool)), q @ k.T / np.sqrt(q.shape[-1]), -np.inf)
+    return softmax(s) @ v
 
 
 def rotary_attention_torch(q, k, v):
@@ -212,6 +229,7 @@ DECLARED = [
             (lambda x, s: rope(x, s, exponent="linspace"), "np.linspace"),
             (lambda x, s: rope(x, s, exponent=4), "-4 i / d_head"),
             (rope_rotate_half_repeated, "repeats the angles coordinate by coordinate"),
+            (rope_positions_short, ["raised ValueError", "np.arange(start, start + seq)"]),
         ],
         alternatives=[rope, rope_complex, rope_rotate_half],
     ),
@@ -236,6 +254,7 @@ DECLARED = [
              "hides the past instead of the future"),
             (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, axis=-2),
              "softmax over the queries"),
+            (rotary_attention_k_T, ["raised ValueError", "t.T reverses every axis"]),
         ],
         alternatives=[rotary_attention, rotary_attention_torch,
                       lambda q, k, v: attention(rope_complex(q, 0), rope_rotate_half(k, 0), v)],
@@ -281,6 +300,7 @@ DECLARED = [
             (lambda q, k, v: gqa(q, k, v, tile_k=True),
              ["repeats the values head by head", "tiles the keys"]),
             (lambda q, k, v: gqa(q, k, v, rotate=True), "rotates q and k with RoPE"),
+            (lambda q, k, v: attention(q, k, v), ["raised ValueError", "along axis -3"]),
             (lambda q, k, v: gqa(q, k, v, tri=np.triu), "hides the past"),
         ],
         alternatives=[gqa, gqa_grouped,
