@@ -25,11 +25,16 @@ def rms_norm(x, gamma, eps=1e-5):
     return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * gamma
 
 
-def rope(x, start, base=10000.0, interleaved=False, sign=1.0, exponent=2):
+def rope(x, start, base=10000.0, interleaved=False, sign=1.0, exponent=2, swap=False):
     seq, d = x.shape[-2:]
-    inv = base ** (-exponent * np.arange(d // 2) / d)
+    if exponent == "linspace":  # exponents 0 .. -1 inclusive
+        inv = base ** -np.linspace(0, 1, d // 2)
+    else:
+        inv = base ** (-exponent * np.arange(d // 2) / d)
     ang = np.arange(start, start + seq)[:, None] * inv  # (seq, d/2)
     cos, s = np.cos(ang), sign * np.sin(ang)
+    if swap:
+        cos, s = s, cos
     if interleaved:
         a, b = x[..., 0::2], x[..., 1::2]
         return np.stack([a * cos - b * s, a * s + b * cos], axis=-1).reshape(x.shape)
@@ -55,24 +60,53 @@ def rope_rotate_half(x, start):
     return x * np.cos(ang) + rotated * np.sin(ang)
 
 
+def rope_positions_short(x, start):
+    """np.arange(start, seq): seq - start positions, too few rows for the table (raises)."""
+    seq, d = x.shape[-2:]
+    ang = np.outer(np.arange(start, seq), 10000.0 ** (-np.arange(0, d, 2) / d))
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([a * np.cos(ang) - b * np.sin(ang), a * np.sin(ang) + b * np.cos(ang)],
+                          axis=-1)
+
+
+def rope_rotate_half_repeated(x, start):
+    """Hugging Face's rotate_half, but the angle table repeated with np.repeat (wrong)."""
+    seq, d = x.shape[-2:]
+    ang = np.arange(start, start + seq)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d)
+    ang = np.repeat(ang, 2, axis=-1)
+    rotated = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
+    return x * np.cos(ang) + rotated * np.sin(ang)
+
+
 def softmax(s):
     e = np.exp(s - s.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v, causal=True, scale=True, diagonal=0):
-    """diagonal=-1: the off-by-one mask that hides each query's own key too (nan in row 0)."""
+def attention(q, k, v, causal=True, scale=True, diagonal=0, fill=-np.inf, tri=np.tril,
+              axis=-1):
+    """diagonal=-1: the off-by-one mask that hides each query's own key too (nan in row 0);
+    tri=np.triu keeps the future instead of the past; axis=-2 normalises over the queries."""
     s = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) if scale is True else scale)
     if causal:
         n = s.shape[-1]
-        s = np.where(np.tril(np.ones((n, n), dtype=bool), k=diagonal), s, -np.inf)
-    return softmax(s) @ v
+        s = np.where(tri(np.ones((n, n), dtype=bool), k=diagonal), s, fill)
+    e = np.exp(s - s.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True) @ v
 
 
 def rotary_attention(q, k, v, rot_v=False, rot_k=True, causal=True, interleaved=False):
     return attention(rope(q, 0, interleaved=interleaved),
                      rope(k, 0, interleaved=interleaved) if rot_k else k,
                      rope(v, 0) if rot_v else v, causal=causal)
+
+
+def rotary_attention_k_T(q, k, v):
+    """Right for one sequence; k.T of a (batch, n_head, seq, d_head) k reverses every axis."""
+    q, k = rope(q, 0), rope(k, 0)
+    n = q.shape[-2]
+    s = np.where(np.tril(np.ones((n, n), dtype=bool)), q @ k.T / np.sqrt(q.shape[-1]), -np.inf)
+    return softmax(s) @ v
 
 
 def rotary_attention_torch(q, k, v):
@@ -135,11 +169,17 @@ def repeat_kv_loop(x, n_rep):
     return np.stack(heads, axis=-3)
 
 
-def gqa(q, k, v, tiled=False, **attend):
+def gqa(q, k, v, tiled=False, tile_k=None, tile_v=None, rotate=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
-    rep = (lambda t: np.concatenate([t] * n_rep, axis=-3)) if tiled else (
-        lambda t: np.repeat(t, n_rep, axis=-3))
-    return attention(q, rep(k), rep(v), **attend)
+
+    def rep(t, tile):
+        return np.tile(t, (n_rep, 1, 1)) if tile else np.repeat(t, n_rep, axis=-3)
+
+    k = rep(k, tiled if tile_k is None else tile_k)
+    v = rep(v, tiled if tile_v is None else tile_v)
+    if rotate:  # the learner reuses part (c)'s rotation where the task has none
+        q, k = rope(q, 0), rope(k, 0)
+    return attention(q, k, v, **attend)
 
 
 def gqa_grouped(q, k, v):
@@ -161,10 +201,13 @@ DECLARED = [
             (lambda x, g: x / np.sqrt(np.sum(x**2, -1, keepdims=True) + 1e-5) * g,
              "sum of x**2"),
             (lambda x, g: rms_norm(x, 1.0), "forgets to scale by gamma"),
+            (lambda x, g: rms_norm(x, 1.0) + g, "adds gamma"),
             (lambda x, g: rms_norm(x, g, eps=0.0), "leaves out eps"),
             (lambda x, g: rms_norm(x, g, eps=1e-6), "eps = 1e-6"),
             (lambda x, g: x / (np.mean(x**2, -1, keepdims=True) + 1e-5) * g, "mean square itself"),
             (lambda x, g: x / np.sqrt(np.mean(x**2) + 1e-5) * g, "over the whole array"),
+            (lambda x, g: x / np.sqrt(np.var(x, axis=-1, keepdims=True) + 1e-5) * g,
+             "standard deviation"),
         ],
         alternatives=[rms_norm,
                       lambda x, g: x / np.sqrt(np.einsum("...d,...d->...", x, x)[..., None]
@@ -182,6 +225,11 @@ DECLARED = [
             (lambda x, s: rope(x, s, sign=-1.0), "rotates the wrong way"),
             (lambda x, s: rope(x, 0), "ignores start"),
             (lambda x, s: rope(x, s + 1), "start + 1"),
+            (lambda x, s: rope(x, s, swap=True), "swaps cos and sin"),
+            (lambda x, s: rope(x, s, exponent="linspace"), "np.linspace"),
+            (lambda x, s: rope(x, s, exponent=4), "-4 i / d_head"),
+            (rope_rotate_half_repeated, "repeats the angles coordinate by coordinate"),
+            (rope_positions_short, ["raised ValueError", "np.arange(start, start + seq)"]),
         ],
         alternatives=[rope, rope_complex, rope_rotate_half],
     ),
@@ -200,6 +248,13 @@ DECLARED = [
              ["returned nan", "also masks the diagonal"]),
             (lambda q, k, v: np.nan_to_num(attention(rope(q, 0), rope(k, 0), v, diagonal=-1)),
              "also masks the diagonal"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, diagonal=-1, fill=-1e9),
+             "also masks the diagonal"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, tri=np.triu),
+             "hides the past instead of the future"),
+            (lambda q, k, v: attention(rope(q, 0), rope(k, 0), v, axis=-2),
+             "softmax over the queries"),
+            (rotary_attention_k_T, ["raised ValueError", "t.T reverses every axis"]),
         ],
         alternatives=[rotary_attention, rotary_attention_torch,
                       lambda q, k, v: attention(rope_complex(q, 0), rope_rotate_half(k, 0), v)],
@@ -209,6 +264,10 @@ DECLARED = [
         mistakes=[
             (lambda x, g, u, d: (silu(x @ u) * (x @ g)) @ d, "gates the wrong branch"),
             (lambda x, g, u, d: (gelu(x @ g) * (x @ u)) @ d, "uses GELU"),
+            (lambda x, g, u, d: (np.maximum(x @ g, 0) * (x @ u)) @ d, "gates with ReLU"),
+            (lambda x, g, u, d: ((x @ g) / (1 + np.exp(x @ g)) * (x @ u)) @ d,
+             "sign in the sigmoid flipped"),
+            (lambda x, g, u, d: ((x @ g) * (x @ u)) @ d, "gate's nonlinearity"),
             (lambda x, g, u, d: ((1 / (1 + np.exp(-(x @ g)))) * (x @ u)) @ d, "sigmoid(z)"),
             (lambda x, g, u, d: silu((x @ g) * (x @ u)) @ d, "after the product"),
             (lambda x, g, u, d: (silu(x @ g) + x @ u) @ d, "adds the two branches"),
@@ -236,6 +295,13 @@ DECLARED = [
             (lambda q, k, v: gqa(q, k, v, scale=1.0), "sqrt(d_head)"),
             (lambda q, k, v: gqa(q, k, v, scale=q.shape[-1]), "divides the scores by d_head"),
             (lambda q, k, v: gqa(q, k, v, diagonal=-1), ["returned nan", "masks the diagonal"]),
+            (lambda q, k, v: gqa(q, k, v, tile_v=True),
+             ["repeats the keys head by head", "tiles the values"]),
+            (lambda q, k, v: gqa(q, k, v, tile_k=True),
+             ["repeats the values head by head", "tiles the keys"]),
+            (lambda q, k, v: gqa(q, k, v, rotate=True), "rotates q and k with RoPE"),
+            (lambda q, k, v: attention(q, k, v), ["raised ValueError", "along axis -3"]),
+            (lambda q, k, v: gqa(q, k, v, tri=np.triu), "hides the past"),
         ],
         alternatives=[gqa, gqa_grouped,
                       lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -261,6 +327,9 @@ DECLARED.append(Declared(
         (lambda *a: qk_norm_attention(*a, axis=-2), "along the seq axis"),
         (lambda *a: qk_norm_attention(*a, causal=False), "no causal mask"),
         (lambda *a: qk_norm_attention(*a, scale=1.0), "sqrt(d_head)"),
+        (lambda *a: qk_norm_attention(*a, tri=np.triu), "hides the past"),
+        (lambda q, k, v, gq, gk: rotary_attention(rms_norm(q, gq, eps=1e-6),
+                                                  rms_norm(k, gk, eps=1e-6), v), "eps = 1e-6"),
     ],
     alternatives=[qk_norm_attention, qk_norm_attention_torch,
                   lambda q, k, v, gq, gk: rotary_attention(rms_norm(q, gq), rms_norm(k, gk), v)],

@@ -4,9 +4,9 @@ grouped-query attention and QK-norm.
 The references are qkv.np's own functions, captured here at import (before learner code runs).
 The catalogues hold the wrong answers the chapter warns about: an RMSNorm that subtracts the
 mean, RoPE with the wrong pairs (interleaved instead of half-split), another frequency base,
-positions not shifted by ``start`` (a KV cache's offset), rotated values or unrotated keys, a
-SwiGLU gate on the wrong branch, K/V heads tiled instead of repeated, QK-norm after RoPE instead
-of before it.
+positions not shifted by ``start`` (a KV cache's offset), cos and sin swapped, rotated values or
+unrotated keys, a mask that hides the past, a SwiGLU gate on the wrong branch or a ReLU gate, K/V
+heads tiled instead of repeated (for k, v or both), QK-norm after RoPE instead of before it.
 """
 
 import math
@@ -21,7 +21,6 @@ from ..exercise import Exercise
 from ..kinds import Array
 
 _ref_rms_norm = _qnp.rms_norm
-_ref_layer_norm = _qnp.layer_norm
 _ref_rope = _qnp.rope
 _ref_attention = _qnp.scaled_dot_product_attention
 _ref_swiglu = _qnp.swiglu
@@ -29,18 +28,23 @@ _ref_repeat_kv = _qnp.repeat_kv
 _ref_silu = _qnp.silu
 _ref_gelu = _qnp.gelu
 _concat = np.concatenate
-_tile = np.tile
 _repeat = np.repeat
 BASE = 10000.0
+# said after an exception on a batched input (the case's note is kept for wrong values)
+_LEADING = ("The leading axes are (batch, n_head) here: seq and d_head are the last two axes "
+            "(shape[-2:]), transpose with np.swapaxes(t, -1, -2) (t.T reverses every axis), and "
+            "a (seq, ...) table broadcasts over the rest.")
 
 # --- RMSNorm -------------------------------------------------------------------------------------
 
 
 def _rms_variant(x, gamma, *, eps=1e-5, center=False, eps_outside=False, use_gamma=True,
-                 total=False, axis=-1, root=True):
+                 total=False, axis=-1, root=True, std=False):
     if center:
         x = x - x.mean(axis=axis, keepdims=True)
     ms = (x * x).sum(axis=axis, keepdims=True) if total else (x * x).mean(axis=axis, keepdims=True)
+    if std:  # np.std / np.var: the spread around the mean, while x itself stays uncentred
+        ms = x.var(axis=axis, keepdims=True)
     if not root:
         return x / (ms + eps) * gamma
     rms = np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps)
@@ -54,6 +58,9 @@ def _rms_mistakes(x, gamma):
     yield Mistake("{name} subtracts the mean first: that is layer norm. RMSNorm divides x itself "
                   "by its root mean square, x / sqrt(mean(x**2) + eps) * gamma, with no "
                   "centring.", v(center=True))
+    yield Mistake("{name} divides by the standard deviation (np.std or np.var subtract the mean "
+                  "inside); RMSNorm divides by the root mean square of x itself: "
+                  "np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps).", v(std=True))
     yield Mistake("{name} puts eps outside the square root; it belongs inside: "
                   "sqrt(mean(x**2) + eps).", v(eps_outside=True))
     yield Mistake("{name} leaves out eps (1e-5 by default, inside the square root).", v(eps=0.0))
@@ -66,6 +73,8 @@ def _rms_mistakes(x, gamma):
     yield Mistake("{name} uses the sum of x**2, not its mean: divide by "
                   "sqrt(mean(x**2, axis=-1) + eps).", v(total=True))
     yield Mistake("{name} forgets to scale by gamma: return x / rms * gamma.", v(use_gamma=False))
+    yield Mistake("{name} adds gamma; it is a scale (RMSNorm has no shift): x / rms * gamma.",
+                  lambda x, gamma: _rms_variant(x, gamma, use_gamma=False) + gamma)
     for axis in range(-x.ndim, -1):
         yield Mistake(f"{{name}} takes the mean along axis {axis}; each vector x[..., :] (the "
                       "last axis) gets its own root mean square.", v(axis=axis))
@@ -110,16 +119,33 @@ RMS_NORM = Exercise(
 
 
 def _table(seq, d_head, start=0, base=BASE, step=2):
-    """cos, sin (seq, d_head/2); step=1: the exponent i / d_head instead of 2i / d_head."""
+    """cos, sin (seq, d_head/2); step=1: the exponent i / d_head instead of 2i / d_head;
+    step="linspace": exponents 0 .. -1 inclusive, as np.linspace(0, 1, d_head // 2) spreads them."""
     i = np.arange(d_head // 2, dtype=np.float64)
-    angles = np.outer(np.arange(start, start + seq, dtype=np.float64),
-                      base ** (-step * i / d_head))
+    exponents = (np.linspace(0.0, 1.0, d_head // 2) if step == "linspace"
+                 else step * i / d_head)
+    angles = np.outer(np.arange(start, start + seq, dtype=np.float64), base ** (-exponents))
     return np.cos(angles), np.sin(angles)
 
 
-def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1.0):
+def _rope_variant(x, start, *, base=BASE, layout="half", shift=0, step=2, sign=1.0,
+                  swap=False):
     cos, sin = _table(x.shape[-2], x.shape[-1], start + shift, base, step)
-    return _ref_rope(x, cos.astype(x.dtype), (sign * sin).astype(x.dtype), layout)
+    if swap:
+        cos, sin = sin, cos
+    cos, sin = cos.astype(x.dtype), (sign * sin).astype(x.dtype)
+    if layout in ("half", "interleaved"):
+        return _ref_rope(x, cos, sin, layout)
+    # one layout's pairs with the other's angle per coordinate: "half-repeat" (np.repeat'ed
+    # angles) or "interleaved-concat" (concatenated angles)
+    half = x.shape[-1] // 2
+    if layout == "half-repeat":
+        cos, sin = _repeat(cos, 2, axis=-1), _repeat(sin, 2, axis=-1)
+        rotated = _concat([-x[..., half:], x[..., :half]], axis=-1)
+    else:
+        cos, sin = _concat([cos, cos], axis=-1), _concat([sin, sin], axis=-1)
+        rotated = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin
 
 
 def _ref_rope_ex(x, start):
@@ -136,6 +162,12 @@ def _rope_mistakes(x, start):
                   "the RoFormer paper. This task (like Hugging Face's Llama) pairs coordinate i "
                   "with i + d_head/2: the first half holds every pair's first coordinate.",
                   v(layout="interleaved"))
+    yield Mistake("{name} pairs i with i + d_head/2, as asked, but repeats the angles coordinate "
+                  "by coordinate (np.repeat: theta_0, theta_0, theta_1, ...: the interleaved "
+                  "layout's table). Both halves take the same (seq, d_head/2) angles "
+                  "(np.concatenate([angles, angles], axis=-1)).", v(layout="half-repeat"))
+    yield Mistake("{name} rotates neighbouring coordinates (2i, 2i+1) with the half-split "
+                  "table; pair i here is (i, i + d_head/2).", v(layout="interleaved-concat"))
     for base in (1000.0, 100000.0, 500000.0):
         yield Mistake(f"{{name}} uses the frequency base {base:g}; this task uses 10,000: "
                       "theta_i = 10000 ** (-2 i / d_head).", v(base=base))
@@ -146,6 +178,14 @@ def _rope_mistakes(x, start):
                   v(step=-2))
     yield Mistake("{name} rotates the wrong way: pair (a, b) becomes "
                   "(a cos - b sin, a sin + b cos).", v(sign=-1.0))
+    yield Mistake("{name} swaps cos and sin: pair (a, b) becomes (a cos - b sin, a sin + b cos); "
+                  "at position 0 (angle 0) a row comes out unchanged.", v(swap=True))
+    yield Mistake("{name} spreads the exponents from 0 to -1 inclusive, as np.linspace(0, 1, "
+                  "d_head // 2) does; they stop one step short: -2 i / d_head, i = 0 .. "
+                  "d_head/2 - 1.", v(step="linspace"))
+    yield Mistake("{name} uses the exponent -4 i / d_head (np.arange(0, d_head, 2) divided by "
+                  "d_head / 2); it is -2 i / d_head = -np.arange(0, d_head, 2) / d_head.",
+                  v(step=4))
     if start:
         yield Mistake("{name} ignores start: the rows of x sit at positions start .. start + "
                       "seq - 1 (with a KV cache the new token is at the cache's position, not "
@@ -161,9 +201,11 @@ def _rope_cases(hidden):
     names = ("x", "start")
     if not hidden:
         rng = _t.default_rng(1402)
-        return [Case((_normal(rng, 6, 8), 3), names, "start = 3: the rows sit at positions 3..8."),
+        return [Case((_normal(rng, 6, 8), 3), names, "start = 3: the rows sit at positions 3..8.",
+                     "The angle table is (seq, d_head // 2) = (6, 4): positions "
+                     "np.arange(start, start + seq), one per row of x."),
                 Case((_normal(rng, 2, 3, 5, 16), 0), names,
-                     "x is (batch, n_head, seq, d_head) here, start = 0.")]
+                     "x is (batch, n_head, seq, d_head) here, start = 0.", _LEADING)]
     rng = _t.default_rng(14102)
     return [Case((_normal(rng, 1, 8), 40), names, "One row at position 40, as when generating "
                                                   "with a KV cache."),
@@ -184,21 +226,32 @@ ROPE = Exercise(
 # --- attention with RoPE -------------------------------------------------------------------------
 
 
-def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True):
+def _attend(q, k, v, *, causal=True, scale="sqrt", diagonal=True, future=False,
+            softmax_axis=-1):
     """Causal attention, or a wrong variant: scale "sqrt" | "none" | "d" (divides by d_head);
-    diagonal "nan" or "zero" also masks each query's own key, as `np.triu(..., k=0)` does; then
-    query 0 sees nothing, and a plain softmax gives it nan (a guarded one, zeros)."""
+    diagonal "nan", "zero" or "mean" also masks each query's own key (np.triu(..., k=0)), so
+    query 0 sees nothing: nan from a plain softmax, zeros from a guarded one, the mean of v from
+    -1e9; future=True keeps keys j >= i (tril and triu mixed up); softmax_axis=-2."""
     d_head = q.shape[-1]
+    seq = q.shape[-2]
     if scale == "none":
         q = q * math.sqrt(d_head)  # undoes the reference's 1/sqrt(d_head)
     elif scale == "d":
         q = q / math.sqrt(d_head)
+    if future:
+        return _ref_attention(q, k, v, mask=np.tri(seq, seq, dtype=bool).T)
+    if softmax_axis != -1:
+        scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(d_head)  # (..., seq, seq)
+        scores = np.where(np.tri(seq, seq, dtype=bool), scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=softmax_axis, keepdims=True))
+        return weights / weights.sum(axis=softmax_axis, keepdims=True) @ v
     if diagonal is True:
         return _ref_attention(q, k, v, causal=causal)
-    seq = q.shape[-2]
     out = _ref_attention(q, k, v, mask=np.tri(seq, seq, -1, dtype=bool))  # row 0: zeros
     if diagonal == "nan":
         out[..., 0, :] = np.nan
+    elif diagonal == "mean":
+        out[..., 0, :] = v.mean(axis=-2)
     return out
 
 
@@ -213,13 +266,19 @@ def _attention_mistakes(var):
     """The mistakes of the attention around RoPE or GQA, each made by ``var(**knobs)``."""
     yield Mistake("{name} has no causal mask: position t may only attend to positions <= t.",
                   var(causal=False))
-    for diagonal in ("nan", "zero"):
+    for diagonal in ("nan", "zero", "mean"):
         yield Mistake("{name} also masks the diagonal: a position attends to itself and the "
                       "past (key j <= query i), so only the keys after it (j > i) are hidden.",
                       var(diagonal=diagonal))
     yield Mistake("{name} does not divide the scores by sqrt(d_head).", var(scale="none"))
     yield Mistake("{name} divides the scores by d_head; the scale is 1 / sqrt(d_head).",
                   var(scale="d"))
+    yield Mistake("{name} hides the past instead of the future (np.tril and np.triu mixed up, "
+                  "or the mask transposed): query i may attend keys j <= i, so the -inf goes "
+                  "above the diagonal, where j > i.", var(future=True))
+    yield Mistake("{name} takes the softmax over the queries (axis -2); each query's weights "
+                  "over the keys, the last axis, must sum to 1: softmax along axis=-1.",
+                  var(softmax_axis=-2))
 
 
 def _rotary_mistakes(q, k, v):
@@ -250,7 +309,7 @@ def _rotary_cases(hidden):
         rng = _t.default_rng(1403)
         return [Case(_rotary_args(rng, seq=5, d_head=8), names),
                 Case(_rotary_args(rng, 2, 3, seq=4, d_head=16), names,
-                     "q, k, v are (batch, n_head, seq, d_head) here.")]
+                     "q, k, v are (batch, n_head, seq, d_head) here.", _LEADING)]
     rng = _t.default_rng(14103)
     return [Case(_rotary_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
                  "float32 here."),
@@ -282,6 +341,15 @@ def _swiglu_mistakes(x, w_gate, w_up, w_down):
     yield Mistake("{name} gates the wrong branch: SiLU goes on x @ w_gate, and x @ w_up stays "
                   "linear: (silu(x @ w_gate) * (x @ w_up)) @ w_down.",
                   lambda x, g, u, d: _swiglu_ref(x, u, g, d))
+    yield Mistake("{name} gates with ReLU, max(z, 0); SwiGLU's gate is SiLU, z * sigmoid(z), "
+                  "which is smooth and slightly negative for z < 0.",
+                  lambda x, g, u, d: (np.maximum(x @ g, 0.0) * (x @ u)) @ d)
+    yield Mistake("{name} has the sign in the sigmoid flipped: sigmoid(z) = 1 / (1 + exp(-z)), "
+                  "so silu(z) = z / (1 + exp(-z)).",
+                  lambda x, g, u, d: ((x @ g) * sig(-(x @ g)) * (x @ u)) @ d)
+    yield Mistake("{name} leaves out the gate's nonlinearity: (x @ w_gate) * (x @ w_up) is "
+                  "bilinear; SiLU goes on the gate branch: silu(x @ w_gate) * (x @ w_up).",
+                  lambda x, g, u, d: ((x @ g) * (x @ u)) @ d)
     yield Mistake("{name} uses GELU as the gate; SwiGLU's gate is SiLU, z * sigmoid(z).",
                   lambda x, g, u, d: (_ref_gelu(x @ g) * (x @ u)) @ d)
     yield Mistake("{name} gates with sigmoid(z) (the original GLU); SwiGLU uses "
@@ -321,7 +389,7 @@ def _swiglu_cases(hidden):
 
 def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=False,
                      norm_q=True, norm_k=True, gammas="qk", center=False, axis=-1, total=False,
-                     use_gamma=True, **attend):
+                     use_gamma=True, eps=1e-5, **attend):
     """RMSNorm on q and k (each with its own gamma), then RoPE, then causal attention; the
     knobs make the wrong versions (order "rope-norm" rotates first; gammas "kq" swaps the
     scales, "qq" and "kk" use one of them for both)."""
@@ -331,17 +399,13 @@ def _qk_norm_variant(q, k, v, gamma_q, gamma_k, *, order="norm-rope", norm_v=Fal
     def norm(t, g, on):
         # the length, np.linalg.norm, comes without an eps
         return _rms_variant(t, g, center=center, axis=axis, total=total, use_gamma=use_gamma,
-                            eps=0.0 if total else 1e-5) if on else t
-
-    def rot(t):
-        return _rope_variant(t, 0)
+                            eps=0.0 if total else eps) if on else t
 
     if order == "rope-norm":
-        q, k = norm(rot(q), gamma_q, norm_q), norm(rot(k), gamma_k, norm_k)
-    else:
-        q, k = norm(q, gamma_q, norm_q), norm(k, gamma_k, norm_k)
-        if order == "norm-rope":
-            q, k = rot(q), rot(k)
+        q, k = _rope_variant(q, 0), _rope_variant(k, 0)
+    q, k = norm(q, gamma_q, norm_q), norm(k, gamma_k, norm_k)
+    if order == "norm-rope":
+        q, k = _rope_variant(q, 0), _rope_variant(k, 0)
     return _attend(q, k, norm(v, gamma_k, norm_v), **attend)
 
 
@@ -365,6 +429,8 @@ def _qk_norm_mistakes(q, k, v, gamma_q, gamma_k):
                       "gamma_q for q, gamma_k for k.", var(gammas=one + one))
     yield Mistake("{name} leaves out the learned scales: multiply the normalised q by gamma_q "
                   "and k by gamma_k.", var(use_gamma=False))
+    yield Mistake("{name} uses eps = 1e-6 (Hugging Face Llama configs often do); this task's "
+                  "RMSNorm uses eps = 1e-5.", var(eps=1e-6))
     yield Mistake("{name} divides by the length sqrt(sum(x**2)); RMSNorm divides by the root "
                   "mean square, sqrt(mean(x**2) + eps), sqrt(d_head) times smaller.",
                   var(total=True))
@@ -388,7 +454,7 @@ def _qk_norm_cases(hidden):
         return [Case(_qk_norm_args(rng, seq=5, d_head=8), names),
                 Case(_qk_norm_args(rng, 2, 3, seq=6, d_head=16, scale=50.0), names,
                      "q and k are 50 times larger than usual here, and (batch, n_head, seq, "
-                     "d_head).")]
+                     "d_head).", _LEADING)]
     rng = _t.default_rng(14107)
     return [Case(_qk_norm_args(rng, 2, seq=7, d_head=4, dtype=np.float32), names,
                  "float32 here."),
@@ -456,24 +522,38 @@ REPEAT_KV = Exercise(
 )
 
 
-def _gqa_variant(q, k, v, *, tiled=False, **attend):
+def _gqa_variant(q, k, v, *, tiled_k=False, tiled_v=False, rope=False, **attend):
     n_rep = q.shape[-3] // k.shape[-3]
 
-    def rep(t):
-        return _concat([t] * n_rep, axis=-3) if tiled else _repeat(t, n_rep, axis=-3)
+    def rep(t, tile):  # tiled: kv0 kv1 kv0 kv1 (wrong); repeated: kv0 kv0 kv1 kv1
+        return _concat([t] * n_rep, axis=-3) if tile else _repeat(t, n_rep, axis=-3)
 
-    return _attend(q, rep(k), rep(v), **attend)
+    k, v = rep(k, tiled_k), rep(v, tiled_v)
+    if rope:
+        q, k = _rope_variant(q, 0), _rope_variant(k, 0)
+    return _attend(q, k, v, **attend)
 
 
 def _gqa_mistakes(q, k, v):
     yield Mistake("{name} pairs query head h with K/V head h % n_kv_head (the K/V stack tiled); "
                   "it belongs to group h // (n_head // n_kv_head): repeat each K/V head next "
                   "to itself (np.repeat, not np.tile).",
-                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True))
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled_k=True, tiled_v=True))
+    for tiled, repeated in (("values", "keys"), ("keys", "values")):
+        yield Mistake(f"{{name}} repeats the {repeated} head by head (kv0 kv0 kv1 kv1) but tiles "
+                      f"the {tiled} (kv0 kv1 kv0 kv1), so a query head reads the keys of one "
+                      "K/V head and the values of another. Group both the same way: "
+                      "np.repeat(..., n_rep, axis=-3) for k and for v.",
+                      lambda q, k, v, t=tiled: _gqa_variant(q, k, v, tiled_k=t == "keys",
+                                                            tiled_v=t == "values"))
+    yield Mistake("{name} rotates q and k with RoPE; this task has none (the heads come as they "
+                  "are): softmax(q k^T / sqrt(d_head) + M) v, query head h with K/V head "
+                  "h // n_rep.", lambda q, k, v: _gqa_variant(q, k, v, rope=True))
     yield from _attention_mistakes(
         lambda **knobs: lambda q, k, v: _gqa_variant(q, k, v, **knobs))
     yield Mistake("{name} tiles the K/V heads and has no causal mask.",
-                  lambda q, k, v: _gqa_variant(q, k, v, tiled=True, causal=False))
+                  lambda q, k, v: _gqa_variant(q, k, v, tiled_k=True, tiled_v=True,
+                                                causal=False))
 
 
 def _gqa_args(rng, *lead, n_head, n_kv, seq, d_head, dtype=np.float64):
@@ -482,14 +562,18 @@ def _gqa_args(rng, *lead, n_head, n_kv, seq, d_head, dtype=np.float64):
             _normal(rng, *lead, n_kv, seq, d_head, dtype=dtype))
 
 
+_GROUPS = ("The heads are axis -3 (q has n_head of them, k and v n_kv_head): repeat k and v "
+           "n_head // n_kv_head times along axis -3 before the scores.")
+
+
 def _gqa_cases(hidden):
     names = ("q", "k", "v")
     if not hidden:
         rng = _t.default_rng(1406)
         return [Case(_gqa_args(rng, n_head=4, n_kv=2, seq=5, d_head=8), names,
-                     "4 query heads share 2 K/V heads: heads 0, 1 read K/V head 0."),
+                     "4 query heads share 2 K/V heads: heads 0, 1 read K/V head 0.", _GROUPS),
                 Case(_gqa_args(rng, 2, n_head=6, n_kv=3, seq=4, d_head=4), names,
-                     "batch 2, 6 query heads, 3 K/V heads.")]
+                     "batch 2, 6 query heads, 3 K/V heads.", _GROUPS)]
     rng = _t.default_rng(14106)
     return [Case(_gqa_args(rng, n_head=4, n_kv=1, seq=6, d_head=8), names,
                  "n_kv_head = 1: multi-query attention."),
