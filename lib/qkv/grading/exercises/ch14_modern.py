@@ -28,7 +28,6 @@ from ._ch14_variants import (
 )
 
 _ref_rms_norm = _qnp.rms_norm
-_ref_attention = _qnp.scaled_dot_product_attention
 _ref_swiglu = _qnp.swiglu
 _ref_repeat_kv = _qnp.repeat_kv
 _ref_silu = _qnp.silu
