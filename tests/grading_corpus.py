@@ -25,7 +25,7 @@ CASES = (
     "correct", "untouched", "wrong", "partial", "warns", "loop", "swallow", "exit", "memory",
     "flood", "edited-tests", "deleted-tests", "stripped", "stripped-correct", "reference",
     "monkeypatch", "liar", "reader", "writer", "transformer", "rebind", "detect", "malformed",
-    "empty", "not-a-notebook", "bad id!", "missing",
+    "empty", "not-a-notebook", "bad id!", "missing", "patch-checker", "renamed",
 )
 
 
@@ -208,6 +208,19 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
         ("check_softmax", "check_attention_scores", "check_softmax_temperature",
          "check_softmax_jacobian"))),
         Expect("graded", None, {"test-name-rebound"}))
+    # Replacing the checkers in the qkv.grading module itself, where the test cells re-import
+    # them from: the worker puts the import-time objects back before every test cell.
+    put("patch-checker", nb_with(WRONG, prefix=textwrap.dedent("""\
+        import qkv.grading
+        for _name in dir(qkv.grading):
+            if _name.startswith("check_"):
+                setattr(qkv.grading, _name, lambda *args, **kwargs: print("ok"))
+        """)), Expect("graded", 0, {"monkeypatch"}))
+    # The notebook saved under another name (a browser's second download): graded, and said so.
+    renamed = submissions / "renamed" / CHAPTER / f"{NOTEBOOK} (1).ipynb"
+    renamed.parent.mkdir(parents=True)
+    nbformat.write(nb_with(right), renamed)
+    expect["renamed"] = Expect(f"graded (submitted as '{NOTEBOOK} (1).ipynb')", FULL)
     # Behaving differently when graded: the sandbox removes NBGRADER_EXECUTION from the kernel.
     put("detect", nb_with({**right, "softmax-answer": textwrap.dedent("""\
         import os

@@ -9,7 +9,10 @@ unchanged); a re-run resumes instead of regrading or double-counting.
 
 import csv
 import hashlib
+import os
 import re
+import shutil
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +22,7 @@ import nbformat
 import pytest
 
 from qkv.grading.course import generate_assignment, load_config
-from qkv.grading.driver import STUDENT_ID, Grader
+from qkv.grading.driver import STUDENT_ID, Grader, other_copies
 from qkv.grading.integrity import scan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +46,20 @@ def _tree_hash(folder: Path) -> str:
 def _grader(subs, out, logs):
     return Grader(subs, root=REPO, timeout=10, sandbox={"mem_mb": 1536, "cpu_s": 120},
                   grading_dir=out, log=logs.append)
+
+
+def _git(*args: str) -> str:
+    """git's answer in REPO ("" outside a repository); `worktree list` gives one path a line."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=30)
+    except OSError:
+        return ""
+    if done.returncode != 0:
+        return ""
+    if args[:2] == ("worktree", "list"):
+        return "\n".join(line.split()[0] for line in done.stdout.splitlines() if line.strip())
+    return done.stdout.strip()
 
 
 def _gradebook_scores(out: Path) -> dict[str, float]:
@@ -86,6 +103,11 @@ def run(tmp_path_factory):
         str(out / "autograded"),
         str(subs / "correct" / corpus.CHAPTER / f"{corpus.NOTEBOOK}.ipynb"),
         str(REPO / ".git" / "HEAD"),
+        # other checkouts of the repository: worktrees' solutions/ and the shared .git
+        *[str(Path(p) / "solutions") for p in _git("worktree", "list").split("\n")
+          if p and Path(p).resolve() != REPO.resolve()],
+        str(Path(_git("rev-parse", "--path-format=absolute", "--git-common-dir") or
+                 REPO / ".git") / "HEAD"),
     ]
     expect = corpus.build(REPO, subs, targets)
     assert set(expect) == set(corpus.CASES)
@@ -271,3 +293,26 @@ def test_scan_flags(code, finding):
     answer = next(c for c in release.cells if c.metadata.get("nbgrader", {}).get("solution"))
     answer.source = code
     assert finding in {f.finding for f in scan(release, nbformat.read(RELEASED, as_version=4))}
+
+
+@pytest.mark.slow
+def test_missing_notebook_feedback_says_it_scores_zero(run):
+    page = _feedback(run, "missing")
+    assert "missing" in page and "0 / " in page and "No notebook was found" in page
+    assert "could not be graded" not in page
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_other_copies_names_worktrees_and_the_shared_git_folder(tmp_path):
+    main, other = tmp_path / "main", tmp_path / "other"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q", str(main)], ["-C", str(main), "commit", "-q", "--allow-empty",
+                                            "-m", "x"],
+                 ["-C", str(main), "worktree", "add", "-q", str(other)]):
+        subprocess.run(["git", *args], check=True, env=env, capture_output=True)
+    from_worktree = {str(p) for p in other_copies(other)}
+    assert from_worktree == {str(main / "solutions"), str(main / "_grading"), str(main / ".git")}
+    from_main = {str(p) for p in other_copies(main)}
+    assert from_main == {str(other / "solutions"), str(other / "_grading"), str(main / ".git")}
+    assert other_copies(tmp_path) == []  # not a repository: nothing more to hide

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -92,9 +93,31 @@ def _precheck(path: Path) -> tuple[str | None, dict | None]:
     return None, nb
 
 
+def other_copies(root: Path) -> list[Path]:
+    """What other checkouts of this repository give away: each git worktree's solutions/ and
+    _grading/, and the shared .git folder (solutions/ is in its history). A kernel runs with the
+    rights of a user who may read them, so the sandbox hides them like the course's own."""
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    paths = []
+    for line in git("worktree", "list", "--porcelain").splitlines():
+        if line.startswith("worktree ") and Path(line[9:]).resolve() != root.resolve():
+            paths += [Path(line[9:]) / "solutions", Path(line[9:]) / "_grading"]
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir").strip()
+    if common:
+        paths.append(Path(common))
+    return paths
+
+
 class Grader:
     def __init__(self, submissions, root=None, workers=None, timeout=None, sandbox=None,
-                 force=False, keep_scratch=False, grading_dir=None, log=print):
+                 force=False, keep_scratch=False, grading_dir=None, log=print, hide=()):
         self.root = find_root(root)
         self.submissions = Path(submissions).resolve()
         if not self.submissions.is_dir():
@@ -109,6 +132,7 @@ class Grader:
         self.sandbox.setdefault("threads", max(1, (os.cpu_count() or 1) // self.workers))
         self.force = force
         self.keep_scratch = keep_scratch
+        self.hide = [Path(p).resolve() for p in hide]  # more paths no kernel may see
         self.log = log
         self.errors: list[str] = []
         self.procs: dict = {}
@@ -133,12 +157,22 @@ class Grader:
                     self.log(f"warning: {sdir.name}/{cdir.name}: no such chapter, skipped")
         self.chapters = sorted(in_play)
         expected = set()
+        self.stand_ins: dict[tuple[str, str, str], Path] = {}
         for ch in self.chapters:
             names = notebooks(self.root, ch)
             for s in students:
-                for extra in sorted((self.submissions / s / ch).glob("*.ipynb")):
-                    if extra.stem not in names:
-                        self.log(f"warning: {s}/{ch}/{extra.name}: not a notebook of {ch}, skipped")
+                folder = self.submissions / s / ch
+                extras = [p for p in sorted(folder.glob("*.ipynb")) if p.stem not in names]
+                absent = [n for n in names if not (folder / f"{n}.ipynb").exists()]
+                if len(extras) == 1 and len(absent) == 1:
+                    # One notebook under another name ("softmax (1).ipynb", as browsers save a
+                    # second download) where one is missing: grade it, and say so in the status.
+                    self.stand_ins[(s, ch, absent[0])] = extras[0]
+                    self.log(f"warning: {s}/{ch}/{extras[0].name}: graded as {absent[0]}.ipynb")
+                else:
+                    for extra in extras:
+                        self.log(f"warning: {s}/{ch}/{extra.name}: not a notebook of {ch} "
+                                 f"({', '.join(n + '.ipynb' for n in names)}), skipped")
                 expected.update((s, ch, n) for n in names)
         return sorted(expected)
 
@@ -201,10 +235,14 @@ class Grader:
         """Split into results already known and jobs to run."""
         done, jobs = [], []
         hide = [str(p) for p in (self.root / "solutions", self.root / "_grading", self.grading,
-                                 self.root / ".git", self.submissions, scratch)]
+                                 self.root / ".git", self.submissions, scratch,
+                                 *other_copies(self.root), *self.hide)]
         for s, ch, nb in expected:
             src = self._source_hash(ch, nb)
             path = self.submissions / s / ch / f"{nb}.ipynb"
+            stand_in = self.stand_ins.get((s, ch, nb))
+            note = f" (submitted as {stand_in.name!r})" if stand_in else ""
+            path = stand_in or path
             sha = sha256(path) if path.is_file() else None
             old = self.path("results", s, ch, nb, "json")
             if old.is_file() and not self.force:
@@ -222,7 +260,7 @@ class Grader:
                 continue
             status, parsed = _precheck(path)
             if status:
-                done.append(self._immediate(s, ch, nb, status, sha, src))
+                done.append(self._immediate(s, ch, nb, status + note, sha, src))
                 continue
             copy = self.path("submitted", s, ch, nb, "ipynb")
             copy.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +277,7 @@ class Grader:
                 "autograded_path": str(self.path("autograded", s, ch, nb, "ipynb")),
                 "timeout": self.timeout, "sandbox": self.sandbox, "hide": hide,
                 "keep_scratch": self.keep_scratch, "scratch_parent": str(scratch),
-                "budget": self.timeout * (n_code + 4) + 120,
+                "budget": self.timeout * (n_code + 4) + 120, "status_note": note,
             })
         return done, jobs
 
@@ -424,7 +462,7 @@ def main(args) -> int:
     sandbox = {k: v for k, v in {"mem_mb": args.mem_mb, "cpu_s": args.cpu_s}.items() if v}
     grader = Grader(args.submissions, root=args.root, workers=args.workers, timeout=args.timeout,
                     sandbox=sandbox, force=args.force, keep_scratch=args.keep_scratch,
-                    grading_dir=args.out)
+                    grading_dir=args.out, hide=args.hide or ())
     def stop(signum, frame):  # SIGTERM (a CI timeout, `kill`): stop like Ctrl-C, cleanly
         raise KeyboardInterrupt
 
