@@ -316,3 +316,21 @@ def test_other_copies_names_worktrees_and_the_shared_git_folder(tmp_path):
     from_main = {str(p) for p in other_copies(main)}
     assert from_main == {str(other / "solutions"), str(other / "_grading"), str(main / ".git")}
     assert other_copies(tmp_path) == []  # not a repository: nothing more to hide
+
+
+def test_hide_option_reaches_every_kernel(tmp_path):
+    """`grade --hide PATH`: the path joins the list each job's sandbox hides (the corpus run
+    proves that a hidden path reads as empty inside the kernel)."""
+    subs, extra = tmp_path / "submissions", tmp_path / "backup-of-solutions"
+    (subs / "ada" / corpus.CHAPTER).mkdir(parents=True)
+    nbformat.write(nbformat.read(RELEASED, as_version=4),
+                   subs / "ada" / corpus.CHAPTER / f"{corpus.NOTEBOOK}.ipynb")
+    extra.mkdir()
+    grader = Grader(subs, root=REPO, grading_dir=tmp_path / "_grading", log=lambda *a: None,
+                    hide=[extra])
+    expected = grader.discover()
+    grader.prepare_chapters(tmp_path / "scratch")
+    _, jobs = grader.plan(expected, tmp_path / "scratch")
+    assert len(jobs) == 1
+    assert str(extra.resolve()) in jobs[0]["hide"]
+    assert str(REPO / "solutions") in jobs[0]["hide"]
