@@ -334,3 +334,28 @@ def test_hide_option_reaches_every_kernel(tmp_path):
     assert len(jobs) == 1
     assert str(extra.resolve()) in jobs[0]["hide"]
     assert str(REPO / "solutions") in jobs[0]["hide"]
+
+
+def test_discover_finds_notebooks_handed_in_at_the_wrong_place(tmp_path):
+    """A flat upload, a zip's nested folder and a renamed file are graded in place of the missing
+    notebook; Jupyter's checkpoints are not submissions; what stays ambiguous is skipped, loudly."""
+    ch, nb = corpus.CHAPTER, f"{corpus.NOTEBOOK}.ipynb"
+    files = ["flat/" + nb, f"nested/{ch}/{ch}/{nb}", f"renamed/{ch}/x (1).ipynb",
+             f"ckpt/{ch}/{nb}", f"ckpt/{ch}/.ipynb_checkpoints/{corpus.NOTEBOOK}-checkpoint.ipynb",
+             f"both/{ch}/{nb}", "both/" + nb, f"two/{ch}/a.ipynb", f"two/{ch}/b.ipynb",
+             "other/notes.txt"]
+    subs = tmp_path / "submissions"
+    for f in files:
+        (subs / f).parent.mkdir(parents=True, exist_ok=True)
+        (subs / f).write_text("{}")
+    logs: list[str] = []
+    grader = Grader(subs, root=REPO, grading_dir=tmp_path / "_grading", log=logs.append)
+    expected = grader.discover()
+    students = {"flat", "nested", "renamed", "ckpt", "both", "two", "other"}
+    assert set(expected) == {(s, ch, corpus.NOTEBOOK) for s in students}
+    shown = {key[0]: rel for key, (_, rel) in grader.stand_ins.items()}
+    assert shown == {"flat": nb, "nested": f"{ch}/{nb}", "renamed": "x (1).ipynb"}
+    text = "\n".join(logs)
+    assert f"both/{nb}: not in a chapter folder, skipped" in text
+    assert f"two/{ch}/a.ipynb: not a notebook" in text and "other/notes.txt" in text
+    assert "checkpoint" not in text

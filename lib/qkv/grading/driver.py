@@ -115,6 +115,15 @@ def other_copies(root: Path) -> list[Path]:
     return paths
 
 
+def _notebooks_under(folder: Path) -> list[Path]:
+    """The .ipynb files in folder and its subfolders, sorted, leaving out hidden ones (such as
+    Jupyter's .ipynb_checkpoints/)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*.ipynb") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 class Grader:
     def __init__(self, submissions, root=None, workers=None, timeout=None, sandbox=None,
                  force=False, keep_scratch=False, grading_dir=None, log=print, hide=()):
@@ -144,34 +153,66 @@ class Grader:
         return self.grading / kind / student / chapter / f"{notebook}.{ext}"
 
     def discover(self) -> list[tuple[str, str, str]]:
-        known = set(chapters(self.root))
+        """Every (student, chapter, notebook) expected: each notebook of each chapter that any
+        student handed in. A notebook not at <student>/<chapter>/<notebook>.ipynb is graded in
+        place of a missing one when that is unambiguous (``self.stand_ins``), else skipped with
+        a warning: the only one of a chapter folder under another name or in a subfolder
+        ("softmax (1).ipynb", a zip's nested folder), or one with a chapter's notebook name
+        outside any chapter folder (a flat upload: <student>/softmax.ipynb)."""
+        known = {ch: notebooks(self.root, ch) for ch in chapters(self.root)}
+        owner: dict[str, list[str]] = {}  # notebook name -> the chapters that have it
+        for ch, names in known.items():
+            for n in names:
+                owner.setdefault(n, []).append(ch)
         students, in_play = [], set()
+        self.stand_ins: dict[tuple[str, str, str], tuple[Path, str]] = {}
+        loose: list[tuple[str, Path]] = []  # notebooks outside every chapter folder
         for sdir in sorted(p for p in self.submissions.iterdir() if p.is_dir()):
             if sdir.name.startswith("."):
                 continue
             students.append(sdir.name)
-            for cdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
-                if cdir.name in known:
-                    in_play.add(cdir.name)
-                elif not cdir.name.startswith("."):
-                    self.log(f"warning: {sdir.name}/{cdir.name}: no such chapter, skipped")
+            for entry in sorted(sdir.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir() and entry.name in known:
+                    in_play.add(entry.name)
+                elif entry.suffix == ".ipynb" and entry.is_file():
+                    loose.append((sdir.name, entry))
+                elif entry.is_dir() and _notebooks_under(entry):
+                    loose += [(sdir.name, nb) for nb in _notebooks_under(entry)]
+                else:
+                    self.log(f"warning: {sdir.name}/{entry.name}: not a chapter folder, skipped")
+        for s, path in loose:
+            rel = path.relative_to(self.submissions / s).as_posix()
+            chs = owner.get(path.stem, [])
+            key = (s, chs[0], path.stem) if len(chs) == 1 else None
+            if key and key not in self.stand_ins and not (
+                    self.submissions / s / chs[0] / path.name).exists():
+                self.stand_ins[key] = (path, rel)
+                in_play.add(chs[0])
+                self.log(f"warning: {s}/{rel}: graded as {chs[0]}/{path.name}")
+            else:
+                self.log(f"warning: {s}/{rel}: not in a chapter folder, skipped")
         self.chapters = sorted(in_play)
         expected = set()
-        self.stand_ins: dict[tuple[str, str, str], Path] = {}
         for ch in self.chapters:
-            names = notebooks(self.root, ch)
+            names = known[ch]
             for s in students:
                 folder = self.submissions / s / ch
-                extras = [p for p in sorted(folder.glob("*.ipynb")) if p.stem not in names]
-                absent = [n for n in names if not (folder / f"{n}.ipynb").exists()]
+                extras = [p for p in _notebooks_under(folder)
+                          if p.parent != folder or p.stem not in names]
+                absent = [n for n in names if not (folder / f"{n}.ipynb").exists()
+                          and (s, ch, n) not in self.stand_ins]
                 if len(extras) == 1 and len(absent) == 1:
                     # One notebook under another name ("softmax (1).ipynb", as browsers save a
                     # second download) where one is missing: grade it, and say so in the status.
-                    self.stand_ins[(s, ch, absent[0])] = extras[0]
-                    self.log(f"warning: {s}/{ch}/{extras[0].name}: graded as {absent[0]}.ipynb")
+                    rel = extras[0].relative_to(folder).as_posix()
+                    self.stand_ins[(s, ch, absent[0])] = (extras[0], rel)
+                    self.log(f"warning: {s}/{ch}/{rel}: graded as {ch}/{absent[0]}.ipynb")
                 else:
                     for extra in extras:
-                        self.log(f"warning: {s}/{ch}/{extra.name}: not a notebook of {ch} "
+                        self.log(f"warning: {s}/{ch}/{extra.relative_to(folder).as_posix()}: "
+                                 f"not a notebook of {ch} "
                                  f"({', '.join(n + '.ipynb' for n in names)}), skipped")
                 expected.update((s, ch, n) for n in names)
         return sorted(expected)
@@ -240,8 +281,8 @@ class Grader:
         for s, ch, nb in expected:
             src = self._source_hash(ch, nb)
             path = self.submissions / s / ch / f"{nb}.ipynb"
-            stand_in = self.stand_ins.get((s, ch, nb))
-            note = f" (submitted as {stand_in.name!r})" if stand_in else ""
+            stand_in, shown = self.stand_ins.get((s, ch, nb), (None, ""))
+            note = f" (submitted as {shown!r})" if stand_in else ""
             path = stand_in or path
             sha = sha256(path) if path.is_file() else None
             old = self.path("results", s, ch, nb, "json")
