@@ -54,6 +54,9 @@ CANARY_ERROR = "QkvTestDidNotRun"
 RESET_EXPRESSION = ("(lambda m: m and m.resanitize())"
                     "(__import__('sys').modules.get('qkv.grading._trusted'))")
 MAX_STREAM_CHARS = 100_000
+# The cell QkvExecute is running (its grade id, or "cell N"); None between cells. When nbgrader
+# gives up on a notebook (a kernel that died or ignored the interrupt), this names the culprit.
+RUNNING: dict[str, str | None] = {"cell": None}
 UID_BASE = 1_700_000_000  # kernels run as UID_BASE + worker pid (root only; see sandbox.py)
 
 
@@ -83,6 +86,13 @@ def _make_preprocessors():
         on the way in: the cell gets an error output, so nbgrader scores it zero."""
 
         def preprocess_cell(self, cell, resources, index):
+            RUNNING["cell"] = cell.metadata.get("nbgrader", {}).get("grade_id") or (
+                f"cell {index + 1}")
+            out = self._run_cell(cell, resources, index)
+            RUNNING["cell"] = None
+            return out
+
+        def _run_cell(self, cell, resources, index):
             if not (cell.cell_type == "code" and is_grade(cell) and not is_solution(cell)
                     and cell.source.strip()):
                 return super().preprocess_cell(cell, resources, index)
@@ -141,12 +151,14 @@ def _make_preprocessors():
 
 # -- one submission ------------------------------------------------------------------------------
 
-def _status_from_log(text: str) -> str:
+def _status_from_log(text: str, cell: str | None = None) -> str:
+    where = f" in {cell}" if cell else ""
     if re.search(r"DeadKernelError|Kernel died", text):
-        return "ungradable: kernel died (os._exit, a crash, or out of memory)"
+        return f"ungradable: kernel died{where} (os._exit, a crash, or out of memory)"
     if re.search(r"Timeout waiting for IOPub|UnresponsiveKernelError|interrupt", text, re.I) and \
             re.search(r"[Tt]imeout", text):
-        return "ungradable: timeout (a cell ran too long and the kernel ignored the interrupt)"
+        return (f"ungradable: timeout{where} (a cell ran too long and the kernel ignored the "
+                "interrupt)")
     if re.search(r"kernel_info|Kernel didn't respond|Failed to run command", text):
         return "ungradable: the kernel did not start"
     if re.search(r"failed to validate|ValidationError|SchemaTooOld|SchemaTooNew", text):
@@ -243,6 +255,7 @@ def grade(job: dict) -> dict:
         os.environ["JUPYTER_PATH"] = str(scratch / "jupyter")
 
         cfg = _config(job, scratch)
+        RUNNING["cell"] = None
         out = run(Autograde, cfg, assignment_id=chapter, student_id=student, notebook_id=notebook)
         log = (out.get("log") or "") + (out.get("error") or "")
         result["log_tail"] = log[-4000:]
@@ -278,7 +291,7 @@ def grade(job: dict) -> dict:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(autograded, dest)
         else:
-            status = _status_from_log(log) + note
+            status = _status_from_log(log, RUNNING["cell"]) + note
         result["status"] = status
     except Exception as e:  # noqa: BLE001 - any failure must end as a row, never a crash
         result["status"] = f"ungradable: grading error ({type(e).__name__}: {e})"[:300] + note
