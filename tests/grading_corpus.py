@@ -25,7 +25,7 @@ CASES = (
     "correct", "untouched", "wrong", "partial", "warns", "loop", "swallow", "exit", "memory",
     "flood", "edited-tests", "deleted-tests", "stripped", "stripped-correct", "reference",
     "monkeypatch", "liar", "reader", "writer", "transformer", "rebind", "detect", "malformed",
-    "empty", "not-a-notebook", "bad id!", "missing", "patch-checker", "renamed",
+    "empty", "not-a-notebook", "bad id!", "missing", "patch-checker", "renamed", "script",
 )
 
 
@@ -216,6 +216,14 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
             if _name.startswith("check_"):
                 setattr(qkv.grading, _name, lambda *args, **kwargs: print("ok"))
         """)), Expect("graded", 0, {"monkeypatch"}))
+    # Output that would run in the browser of whoever opens the feedback page, or hide the
+    # grader's box on it: the page is sanitized (test_feedback_runs_no_learner_script).
+    put("script", nb_with(right, prefix=textwrap.dedent("""\
+        from IPython.display import HTML, Javascript, display
+        display(HTML("<script>document.title = 'QKV-SCRIPT-RAN'</script>"
+                     "<style>#qkv-grading { display: none }</style><b>QKV-BOLD</b>"))
+        display(Javascript("document.title = 'QKV-JS-RAN'"))
+        """)), Expect("graded", FULL))
     # The notebook saved under another name (a browser's second download): graded, and said so.
     renamed = submissions / "renamed" / CHAPTER / f"{NOTEBOOK} (1).ipynb"
     renamed.parent.mkdir(parents=True)

@@ -359,3 +359,13 @@ def test_discover_finds_notebooks_handed_in_at_the_wrong_place(tmp_path):
     assert f"both/{nb}: not in a chapter folder, skipped" in text
     assert f"two/{ch}/a.ipynb: not a notebook" in text and "other/notes.txt" in text
     assert "checkpoint" not in text
+
+
+@pytest.mark.slow
+def test_feedback_runs_no_learner_script(run):
+    page = _feedback(run, "script")
+    # The strings appear in the cell's (escaped) source; never inside a live tag.
+    assert not re.search(r"<script[^>]*>[^<]*QKV-", page), "a learner's script is live"
+    assert not re.search(r"<style[^>]*>[^<]*qkv-grading", page), "a learner's style is live"
+    assert "<b>QKV-BOLD</b>" in page  # harmless HTML output still shows
+    assert 'id="qkv-grading"' in page  # the grader's own box is still there

@@ -196,6 +196,9 @@ def _config(job: dict, scratch: Path):
         str(Path(__file__).parent / "templates"),
         *[d for d in cfg.HTMLExporter.get("extra_template_basedirs", []) if "nbgrader" in d],
     ]
+    # Feedback is opened by the student and often by the instructor, in a browser, from disk: a
+    # learner's HTML or JavaScript output must not run there (or restyle the grader's own box).
+    cfg.HTMLExporter.sanitize_html = True
     cfg.Application.log_level = "INFO"
     return cfg
 
