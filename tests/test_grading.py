@@ -21,8 +21,8 @@ import grading_corpus as corpus
 import nbformat
 import pytest
 
-from qkv.grading.course import generate_assignment, load_config
-from qkv.grading.driver import STUDENT_ID, Grader, other_copies
+from qkv.grading.course import generate_assignment, load_config, other_copies
+from qkv.grading.driver import STUDENT_ID, Grader
 from qkv.grading.integrity import scan
 
 REPO = Path(__file__).resolve().parents[1]

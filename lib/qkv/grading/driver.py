@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -42,6 +41,8 @@ from .course import (
     generate_assignment,
     load_config,
     notebooks,
+    notebooks_under,
+    other_copies,
     sha256,
 )
 from .feedback import install_mathjax, ungradable_page
@@ -91,37 +92,6 @@ def _precheck(path: Path) -> tuple[str | None, dict | None]:
     if not any(c.get("cell_type") == "code" for c in nb.cells):
         return "ungradable: notebook has no code cells", None
     return None, nb
-
-
-def other_copies(root: Path) -> list[Path]:
-    """What other checkouts of this repository give away: each git worktree's solutions/ and
-    _grading/, and the shared .git folder (solutions/ is in its history). A kernel runs with the
-    rights of a user who may read them, so the sandbox hides them like the course's own."""
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
-                                  text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout if done.returncode == 0 else ""
-
-    paths = []
-    for line in git("worktree", "list", "--porcelain").splitlines():
-        if line.startswith("worktree ") and Path(line[9:]).resolve() != root.resolve():
-            paths += [Path(line[9:]) / "solutions", Path(line[9:]) / "_grading"]
-    common = git("rev-parse", "--path-format=absolute", "--git-common-dir").strip()
-    if common:
-        paths.append(Path(common))
-    return paths
-
-
-def _notebooks_under(folder: Path) -> list[Path]:
-    """The .ipynb files in folder and its subfolders, sorted, leaving out hidden ones (such as
-    Jupyter's .ipynb_checkpoints/)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*.ipynb") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 class Grader:
@@ -178,8 +148,8 @@ class Grader:
                     in_play.add(entry.name)
                 elif entry.suffix == ".ipynb" and entry.is_file():
                     loose.append((sdir.name, entry))
-                elif entry.is_dir() and _notebooks_under(entry):
-                    loose += [(sdir.name, nb) for nb in _notebooks_under(entry)]
+                elif entry.is_dir() and notebooks_under(entry):
+                    loose += [(sdir.name, nb) for nb in notebooks_under(entry)]
                 else:
                     self.log(f"warning: {sdir.name}/{entry.name}: not a chapter folder, skipped")
         for s, path in loose:
@@ -199,7 +169,7 @@ class Grader:
             names = known[ch]
             for s in students:
                 folder = self.submissions / s / ch
-                extras = [p for p in _notebooks_under(folder)
+                extras = [p for p in notebooks_under(folder)
                           if p.parent != folder or p.stem not in names]
                 absent = [n for n in names if not (folder / f"{n}.ipynb").exists()
                           and (s, ch, n) not in self.stand_ins]
