@@ -369,3 +369,13 @@ def test_feedback_runs_no_learner_script(run):
     assert not re.search(r"<style[^>]*>[^<]*qkv-grading", page), "a learner's style is live"
     assert "<b>QKV-BOLD</b>" in page  # harmless HTML output still shows
     assert 'id="qkv-grading"' in page  # the grader's own box is still there
+
+
+@pytest.mark.slow
+def test_grades_csv_counts_each_notebooks_integrity_rows(run):
+    counts: dict[str, int] = {}
+    for r in csv.DictReader(open(run["out"] / "integrity.csv")):
+        counts[r["student"]] = counts.get(r["student"], 0) + 1
+    for case, row in run["rows"].items():
+        assert int(row["findings"]) == counts.get(case, 0), case
+    assert int(run["rows"]["monkeypatch"]["findings"]) > 0

@@ -2,8 +2,9 @@
 
 Writes, under _grading/:
 
-* ``grades.csv`` (student, chapter, notebook, score, max_score, status) and ``integrity.csv``
-  (student, chapter, notebook, finding, detail), rebuilt from the result files on every run;
+* ``grades.csv`` (student, chapter, notebook, score, max_score, status, findings) and
+  ``integrity.csv`` (student, chapter, notebook, finding, detail), rebuilt from the result files
+  on every run;
 * ``results/<student>/<chapter>/<notebook>.json``: one per submission, written atomically when
   it is done, keyed by the sha256 of the submitted file and of the source notebook. A re-run
   skips submissions whose result matches, so an interrupted run resumes where it stopped;
@@ -62,7 +63,8 @@ def _context():
 
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 SANDBOX_DEFAULTS = {"mem_mb": 4096, "cpu_s": 600, "fsize_mb": 64, "nproc": 256, "tmp_mb": 512}
-GRADES_FIELDS = ["student", "chapter", "notebook", "score", "max_score", "status"]
+# findings: how many rows integrity.csv has for the notebook, so the export itself shows them
+GRADES_FIELDS = ["student", "chapter", "notebook", "score", "max_score", "status", "findings"]
 INTEGRITY_FIELDS = ["student", "chapter", "notebook", "finding", "detail"]
 
 
@@ -382,7 +384,7 @@ class Grader:
             max_score = "" if r.get("max_score") is None else f"{r['max_score']:g}"
             gw.writerow({"student": r["student"], "chapter": r["chapter"],
                          "notebook": r["notebook"], "score": score, "max_score": max_score,
-                         "status": r["status"]})
+                         "status": r["status"], "findings": len(r.get("findings", []))})
             for f in r.get("findings", []):
                 iw.writerow({"student": r["student"], "chapter": r["chapter"],
                              "notebook": r["notebook"], **f})
