@@ -25,7 +25,7 @@ CASES = (
     "correct", "untouched", "wrong", "partial", "warns", "loop", "swallow", "exit", "memory",
     "flood", "edited-tests", "deleted-tests", "stripped", "stripped-correct", "reference",
     "monkeypatch", "liar", "reader", "writer", "transformer", "rebind", "detect", "malformed",
-    "empty", "not-a-notebook", "bad id!", "missing",
+    "empty", "not-a-notebook", "bad id!", "missing", "patch-checker", "renamed", "script",
 )
 
 
@@ -128,9 +128,9 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
                     pass
             except KeyboardInterrupt:
                 pass
-        """)), Expect("ungradable: timeout*"))
+        """)), Expect(f"ungradable: timeout in {answer_ids[0]} (*"))
     put("exit", nb_with(right, prefix="import os\nos._exit(0)\n"),
-        Expect("ungradable: kernel died*", None, {"process-control"}))
+        Expect(f"ungradable: kernel died in {answer_ids[0]} (*", None, {"process-control"}))
     # Allocates until RLIMIT_AS (set low by the test) stops it with a MemoryError; the memory is
     # freed with the frame and the rest of the notebook runs. np.empty reserves address space
     # without touching the pages, so the limit is reached at once even on a busy machine.
@@ -208,6 +208,27 @@ def build(root: Path, submissions: Path, targets: list[str]) -> dict[str, Expect
         ("check_softmax", "check_attention_scores", "check_softmax_temperature",
          "check_softmax_jacobian"))),
         Expect("graded", None, {"test-name-rebound"}))
+    # Replacing the checkers in the qkv.grading module itself, where the test cells re-import
+    # them from: the worker puts the import-time objects back before every test cell.
+    put("patch-checker", nb_with(WRONG, prefix=textwrap.dedent("""\
+        import qkv.grading
+        for _name in dir(qkv.grading):
+            if _name.startswith("check_"):
+                setattr(qkv.grading, _name, lambda *args, **kwargs: print("ok"))
+        """)), Expect("graded", 0, {"monkeypatch"}))
+    # Output that would run in the browser of whoever opens the feedback page, or hide the
+    # grader's box on it: the page is sanitized (test_feedback_runs_no_learner_script).
+    put("script", nb_with(right, prefix=textwrap.dedent("""\
+        from IPython.display import HTML, Javascript, display
+        display(HTML("<script>document.title = 'QKV-SCRIPT-RAN'</script>"
+                     "<style>#qkv-grading { display: none }</style><b>QKV-BOLD</b>"))
+        display(Javascript("document.title = 'QKV-JS-RAN'"))
+        """)), Expect("graded", FULL))
+    # The notebook saved under another name (a browser's second download): graded, and said so.
+    renamed = submissions / "renamed" / CHAPTER / f"{NOTEBOOK} (1).ipynb"
+    renamed.parent.mkdir(parents=True)
+    nbformat.write(nb_with(right), renamed)
+    expect["renamed"] = Expect(f"graded (submitted as '{NOTEBOOK} (1).ipynb')", FULL)
     # Behaving differently when graded: the sandbox removes NBGRADER_EXECUTION from the kernel.
     put("detect", nb_with({**right, "softmax-answer": textwrap.dedent("""\
         import os

@@ -9,7 +9,10 @@ unchanged); a re-run resumes instead of regrading or double-counting.
 
 import csv
 import hashlib
+import os
 import re
+import shutil
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +21,7 @@ import grading_corpus as corpus
 import nbformat
 import pytest
 
-from qkv.grading.course import generate_assignment, load_config
+from qkv.grading.course import generate_assignment, load_config, other_copies
 from qkv.grading.driver import STUDENT_ID, Grader
 from qkv.grading.integrity import scan
 
@@ -43,6 +46,20 @@ def _tree_hash(folder: Path) -> str:
 def _grader(subs, out, logs):
     return Grader(subs, root=REPO, timeout=10, sandbox={"mem_mb": 1536, "cpu_s": 120},
                   grading_dir=out, log=logs.append)
+
+
+def _git(*args: str) -> str:
+    """git's answer in REPO ("" outside a repository); `worktree list` gives one path a line."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=30)
+    except OSError:
+        return ""
+    if done.returncode != 0:
+        return ""
+    if args[:2] == ("worktree", "list"):
+        return "\n".join(line.split()[0] for line in done.stdout.splitlines() if line.strip())
+    return done.stdout.strip()
 
 
 def _gradebook_scores(out: Path) -> dict[str, float]:
@@ -86,6 +103,11 @@ def run(tmp_path_factory):
         str(out / "autograded"),
         str(subs / "correct" / corpus.CHAPTER / f"{corpus.NOTEBOOK}.ipynb"),
         str(REPO / ".git" / "HEAD"),
+        # other checkouts of the repository: worktrees' solutions/ and the shared .git
+        *[str(Path(p) / "solutions") for p in _git("worktree", "list").split("\n")
+          if p and Path(p).resolve() != REPO.resolve()],
+        str(Path(_git("rev-parse", "--path-format=absolute", "--git-common-dir") or
+                 REPO / ".git") / "HEAD"),
     ]
     expect = corpus.build(REPO, subs, targets)
     assert set(expect) == set(corpus.CASES)
@@ -271,3 +293,89 @@ def test_scan_flags(code, finding):
     answer = next(c for c in release.cells if c.metadata.get("nbgrader", {}).get("solution"))
     answer.source = code
     assert finding in {f.finding for f in scan(release, nbformat.read(RELEASED, as_version=4))}
+
+
+@pytest.mark.slow
+def test_missing_notebook_feedback_says_it_scores_zero(run):
+    page = _feedback(run, "missing")
+    assert "missing" in page and "0 / " in page and "No notebook was found" in page
+    assert "could not be graded" not in page
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_other_copies_names_worktrees_and_the_shared_git_folder(tmp_path):
+    main, other = tmp_path / "main", tmp_path / "other"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q", str(main)], ["-C", str(main), "commit", "-q", "--allow-empty",
+                                            "-m", "x"],
+                 ["-C", str(main), "worktree", "add", "-q", str(other)]):
+        subprocess.run(["git", *args], check=True, env=env, capture_output=True)
+    from_worktree = {str(p) for p in other_copies(other)}
+    assert from_worktree == {str(main / "solutions"), str(main / "_grading"), str(main / ".git")}
+    from_main = {str(p) for p in other_copies(main)}
+    assert from_main == {str(other / "solutions"), str(other / "_grading"), str(main / ".git")}
+    assert other_copies(tmp_path) == []  # not a repository: nothing more to hide
+
+
+def test_hide_option_reaches_every_kernel(tmp_path):
+    """`grade --hide PATH`: the path joins the list each job's sandbox hides (the corpus run
+    proves that a hidden path reads as empty inside the kernel)."""
+    subs, extra = tmp_path / "submissions", tmp_path / "backup-of-solutions"
+    (subs / "ada" / corpus.CHAPTER).mkdir(parents=True)
+    nbformat.write(nbformat.read(RELEASED, as_version=4),
+                   subs / "ada" / corpus.CHAPTER / f"{corpus.NOTEBOOK}.ipynb")
+    extra.mkdir()
+    grader = Grader(subs, root=REPO, grading_dir=tmp_path / "_grading", log=lambda *a: None,
+                    hide=[extra])
+    expected = grader.discover()
+    grader.prepare_chapters(tmp_path / "scratch")
+    _, jobs = grader.plan(expected, tmp_path / "scratch")
+    assert len(jobs) == 1
+    assert str(extra.resolve()) in jobs[0]["hide"]
+    assert str(REPO / "solutions") in jobs[0]["hide"]
+
+
+def test_discover_finds_notebooks_handed_in_at_the_wrong_place(tmp_path):
+    """A flat upload, a zip's nested folder and a renamed file are graded in place of the missing
+    notebook; Jupyter's checkpoints are not submissions; what stays ambiguous is skipped, loudly."""
+    ch, nb = corpus.CHAPTER, f"{corpus.NOTEBOOK}.ipynb"
+    files = ["flat/" + nb, f"nested/{ch}/{ch}/{nb}", f"renamed/{ch}/x (1).ipynb",
+             f"ckpt/{ch}/{nb}", f"ckpt/{ch}/.ipynb_checkpoints/{corpus.NOTEBOOK}-checkpoint.ipynb",
+             f"both/{ch}/{nb}", "both/" + nb, f"two/{ch}/a.ipynb", f"two/{ch}/b.ipynb",
+             "other/notes.txt"]
+    subs = tmp_path / "submissions"
+    for f in files:
+        (subs / f).parent.mkdir(parents=True, exist_ok=True)
+        (subs / f).write_text("{}")
+    logs: list[str] = []
+    grader = Grader(subs, root=REPO, grading_dir=tmp_path / "_grading", log=logs.append)
+    expected = grader.discover()
+    students = {"flat", "nested", "renamed", "ckpt", "both", "two", "other"}
+    assert set(expected) == {(s, ch, corpus.NOTEBOOK) for s in students}
+    shown = {key[0]: rel for key, (_, rel) in grader.stand_ins.items()}
+    assert shown == {"flat": nb, "nested": f"{ch}/{nb}", "renamed": "x (1).ipynb"}
+    text = "\n".join(logs)
+    assert f"both/{nb}: not in a chapter folder, skipped" in text
+    assert f"two/{ch}/a.ipynb: not a notebook" in text and "other/notes.txt" in text
+    assert "checkpoint" not in text
+
+
+@pytest.mark.slow
+def test_feedback_runs_no_learner_script(run):
+    page = _feedback(run, "script")
+    # The strings appear in the cell's (escaped) source; never inside a live tag.
+    assert not re.search(r"<script[^>]*>[^<]*QKV-", page), "a learner's script is live"
+    assert not re.search(r"<style[^>]*>[^<]*qkv-grading", page), "a learner's style is live"
+    assert "<b>QKV-BOLD</b>" in page  # harmless HTML output still shows
+    assert 'id="qkv-grading"' in page  # the grader's own box is still there
+
+
+@pytest.mark.slow
+def test_grades_csv_counts_each_notebooks_integrity_rows(run):
+    counts: dict[str, int] = {}
+    for r in csv.DictReader(open(run["out"] / "integrity.csv")):
+        counts[r["student"]] = counts.get(r["student"], 0) + 1
+    for case, row in run["rows"].items():
+        assert int(row["findings"]) == counts.get(case, 0), case
+    assert int(run["rows"]["monkeypatch"]["findings"]) > 0

@@ -153,3 +153,17 @@ def test_no_cell_of_a_solution_notebook_is_flagged(notebook):
     aliases, _ = _aliases_and_names(nb.cells)
     for i, source in enumerate(_code_cells(notebook)):
         assert file_findings(source, aliases) == [], f"{notebook.name} code cell {i + 1}"
+
+
+def test_one_row_per_thing_done_not_per_nested_expression():
+    """`os.listdir('/proc')` is one finding, not two (the literal '/proc' and the call)."""
+    from qkv.grading.integrity import scan
+
+    released = REPO / "exercises" / "04-scores-and-softmax" / "softmax.ipynb"
+    sub, rel = nbformat.read(released, as_version=4), nbformat.read(released, as_version=4)
+    answer = next(c for c in sub.cells if c.metadata.get("nbgrader", {}).get("solution"))
+    answer.source = "import os\nprint(os.listdir('/proc'))\nprint(open('/etc/passwd').read())"
+    details = [f.detail for f in scan(sub, rel) if f.finding == "file-access"]
+    assert len(details) == 2, details
+    assert any("os.listdir('/proc')" in d for d in details)
+    assert any("open('/etc/passwd')" in d for d in details)

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--cpu-s", type=int, help="kernel CPU-seconds limit (default 600)")
     grade.add_argument("--out", help="grades, feedback and gradebook go here (default: _grading)")
     grade.add_argument("--force", action="store_true", help="regrade even unchanged submissions")
+    grade.add_argument("--hide", action="append", metavar="PATH",
+                       help="a file or folder kernels must not see, e.g. another copy of "
+                            "solutions/ (repeatable)")
     grade.add_argument("--keep-scratch", action="store_true", help="keep scratch roots (debugging)")
 
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,37 @@ def chapters(root: Path) -> list[str]:
 def notebooks(root: Path, chapter: str) -> list[str]:
     """Notebook ids (file stems) of a chapter's source notebooks, sorted."""
     return sorted(p.stem for p in (root / "solutions" / chapter).glob("*.ipynb"))
+
+
+def notebooks_under(folder: Path) -> list[Path]:
+    """The .ipynb files in folder and its subfolders, sorted, leaving out hidden ones (such as
+    Jupyter's .ipynb_checkpoints/)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*.ipynb") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def other_copies(root: Path) -> list[Path]:
+    """What other checkouts of this repository give away: each git worktree's solutions/ and
+    _grading/, and the shared .git folder (solutions/ is in its history). A kernel runs with the
+    rights of a user who may read them, so the sandbox hides them like the course's own."""
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    paths = []
+    for line in git("worktree", "list", "--porcelain").splitlines():
+        if line.startswith("worktree ") and Path(line[9:]).resolve() != root.resolve():
+            paths += [Path(line[9:]) / "solutions", Path(line[9:]) / "_grading"]
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir").strip()
+    if common:
+        paths.append(Path(common))
+    return paths
 
 
 def sha256(path: str | os.PathLike) -> str:

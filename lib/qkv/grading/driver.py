@@ -2,8 +2,9 @@
 
 Writes, under _grading/:
 
-* ``grades.csv`` (student, chapter, notebook, score, max_score, status) and ``integrity.csv``
-  (student, chapter, notebook, finding, detail), rebuilt from the result files on every run;
+* ``grades.csv`` (student, chapter, notebook, score, max_score, status, findings) and
+  ``integrity.csv`` (student, chapter, notebook, finding, detail), rebuilt from the result files
+  on every run;
 * ``results/<student>/<chapter>/<notebook>.json``: one per submission, written atomically when
   it is done, keyed by the sha256 of the submitted file and of the source notebook. A re-run
   skips submissions whose result matches, so an interrupted run resumes where it stopped;
@@ -41,6 +42,8 @@ from .course import (
     generate_assignment,
     load_config,
     notebooks,
+    notebooks_under,
+    other_copies,
     sha256,
 )
 from .feedback import install_mathjax, ungradable_page
@@ -60,7 +63,8 @@ def _context():
 
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 SANDBOX_DEFAULTS = {"mem_mb": 4096, "cpu_s": 600, "fsize_mb": 64, "nproc": 256, "tmp_mb": 512}
-GRADES_FIELDS = ["student", "chapter", "notebook", "score", "max_score", "status"]
+# findings: how many rows integrity.csv has for the notebook, so the export itself shows them
+GRADES_FIELDS = ["student", "chapter", "notebook", "score", "max_score", "status", "findings"]
 INTEGRITY_FIELDS = ["student", "chapter", "notebook", "finding", "detail"]
 
 
@@ -94,7 +98,7 @@ def _precheck(path: Path) -> tuple[str | None, dict | None]:
 
 class Grader:
     def __init__(self, submissions, root=None, workers=None, timeout=None, sandbox=None,
-                 force=False, keep_scratch=False, grading_dir=None, log=print):
+                 force=False, keep_scratch=False, grading_dir=None, log=print, hide=()):
         self.root = find_root(root)
         self.submissions = Path(submissions).resolve()
         if not self.submissions.is_dir():
@@ -109,6 +113,7 @@ class Grader:
         self.sandbox.setdefault("threads", max(1, (os.cpu_count() or 1) // self.workers))
         self.force = force
         self.keep_scratch = keep_scratch
+        self.hide = [Path(p).resolve() for p in hide]  # more paths no kernel may see
         self.log = log
         self.errors: list[str] = []
         self.procs: dict = {}
@@ -120,25 +125,67 @@ class Grader:
         return self.grading / kind / student / chapter / f"{notebook}.{ext}"
 
     def discover(self) -> list[tuple[str, str, str]]:
-        known = set(chapters(self.root))
+        """Every (student, chapter, notebook) expected: each notebook of each chapter that any
+        student handed in. A notebook not at <student>/<chapter>/<notebook>.ipynb is graded in
+        place of a missing one when that is unambiguous (``self.stand_ins``), else skipped with
+        a warning: the only one of a chapter folder under another name or in a subfolder
+        ("softmax (1).ipynb", a zip's nested folder), or one with a chapter's notebook name
+        outside any chapter folder (a flat upload: <student>/softmax.ipynb)."""
+        known = {ch: notebooks(self.root, ch) for ch in chapters(self.root)}
+        owner: dict[str, list[str]] = {}  # notebook name -> the chapters that have it
+        for ch, names in known.items():
+            for n in names:
+                owner.setdefault(n, []).append(ch)
         students, in_play = [], set()
+        self.stand_ins: dict[tuple[str, str, str], tuple[Path, str]] = {}
+        loose: list[tuple[str, Path]] = []  # notebooks outside every chapter folder
         for sdir in sorted(p for p in self.submissions.iterdir() if p.is_dir()):
             if sdir.name.startswith("."):
                 continue
             students.append(sdir.name)
-            for cdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
-                if cdir.name in known:
-                    in_play.add(cdir.name)
-                elif not cdir.name.startswith("."):
-                    self.log(f"warning: {sdir.name}/{cdir.name}: no such chapter, skipped")
+            for entry in sorted(sdir.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir() and entry.name in known:
+                    in_play.add(entry.name)
+                elif entry.suffix == ".ipynb" and entry.is_file():
+                    loose.append((sdir.name, entry))
+                elif entry.is_dir() and notebooks_under(entry):
+                    loose += [(sdir.name, nb) for nb in notebooks_under(entry)]
+                else:
+                    self.log(f"warning: {sdir.name}/{entry.name}: not a chapter folder, skipped")
+        for s, path in loose:
+            rel = path.relative_to(self.submissions / s).as_posix()
+            chs = owner.get(path.stem, [])
+            key = (s, chs[0], path.stem) if len(chs) == 1 else None
+            if key and key not in self.stand_ins and not (
+                    self.submissions / s / chs[0] / path.name).exists():
+                self.stand_ins[key] = (path, rel)
+                in_play.add(chs[0])
+                self.log(f"warning: {s}/{rel}: graded as {chs[0]}/{path.name}")
+            else:
+                self.log(f"warning: {s}/{rel}: not in a chapter folder, skipped")
         self.chapters = sorted(in_play)
         expected = set()
         for ch in self.chapters:
-            names = notebooks(self.root, ch)
+            names = known[ch]
             for s in students:
-                for extra in sorted((self.submissions / s / ch).glob("*.ipynb")):
-                    if extra.stem not in names:
-                        self.log(f"warning: {s}/{ch}/{extra.name}: not a notebook of {ch}, skipped")
+                folder = self.submissions / s / ch
+                extras = [p for p in notebooks_under(folder)
+                          if p.parent != folder or p.stem not in names]
+                absent = [n for n in names if not (folder / f"{n}.ipynb").exists()
+                          and (s, ch, n) not in self.stand_ins]
+                if len(extras) == 1 and len(absent) == 1:
+                    # One notebook under another name ("softmax (1).ipynb", as browsers save a
+                    # second download) where one is missing: grade it, and say so in the status.
+                    rel = extras[0].relative_to(folder).as_posix()
+                    self.stand_ins[(s, ch, absent[0])] = (extras[0], rel)
+                    self.log(f"warning: {s}/{ch}/{rel}: graded as {ch}/{absent[0]}.ipynb")
+                else:
+                    for extra in extras:
+                        self.log(f"warning: {s}/{ch}/{extra.relative_to(folder).as_posix()}: "
+                                 f"not a notebook of {ch} "
+                                 f"({', '.join(n + '.ipynb' for n in names)}), skipped")
                 expected.update((s, ch, n) for n in names)
         return sorted(expected)
 
@@ -201,10 +248,14 @@ class Grader:
         """Split into results already known and jobs to run."""
         done, jobs = [], []
         hide = [str(p) for p in (self.root / "solutions", self.root / "_grading", self.grading,
-                                 self.root / ".git", self.submissions, scratch)]
+                                 self.root / ".git", self.submissions, scratch,
+                                 *other_copies(self.root), *self.hide)]
         for s, ch, nb in expected:
             src = self._source_hash(ch, nb)
             path = self.submissions / s / ch / f"{nb}.ipynb"
+            stand_in, shown = self.stand_ins.get((s, ch, nb), (None, ""))
+            note = f" (submitted as {shown!r})" if stand_in else ""
+            path = stand_in or path
             sha = sha256(path) if path.is_file() else None
             old = self.path("results", s, ch, nb, "json")
             if old.is_file() and not self.force:
@@ -222,7 +273,7 @@ class Grader:
                 continue
             status, parsed = _precheck(path)
             if status:
-                done.append(self._immediate(s, ch, nb, status, sha, src))
+                done.append(self._immediate(s, ch, nb, status + note, sha, src))
                 continue
             copy = self.path("submitted", s, ch, nb, "ipynb")
             copy.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +290,7 @@ class Grader:
                 "autograded_path": str(self.path("autograded", s, ch, nb, "ipynb")),
                 "timeout": self.timeout, "sandbox": self.sandbox, "hide": hide,
                 "keep_scratch": self.keep_scratch, "scratch_parent": str(scratch),
-                "budget": self.timeout * (n_code + 4) + 120,
+                "budget": self.timeout * (n_code + 4) + 120, "status_note": note,
             })
         return done, jobs
 
@@ -333,7 +384,7 @@ class Grader:
             max_score = "" if r.get("max_score") is None else f"{r['max_score']:g}"
             gw.writerow({"student": r["student"], "chapter": r["chapter"],
                          "notebook": r["notebook"], "score": score, "max_score": max_score,
-                         "status": r["status"]})
+                         "status": r["status"], "findings": len(r.get("findings", []))})
             for f in r.get("findings", []):
                 iw.writerow({"student": r["student"], "chapter": r["chapter"],
                              "notebook": r["notebook"], **f})
@@ -424,7 +475,7 @@ def main(args) -> int:
     sandbox = {k: v for k, v in {"mem_mb": args.mem_mb, "cpu_s": args.cpu_s}.items() if v}
     grader = Grader(args.submissions, root=args.root, workers=args.workers, timeout=args.timeout,
                     sandbox=sandbox, force=args.force, keep_scratch=args.keep_scratch,
-                    grading_dir=args.out)
+                    grading_dir=args.out, hide=args.hide or ())
     def stop(signum, frame):  # SIGTERM (a CI timeout, `kill`): stop like Ctrl-C, cleanly
         raise KeyboardInterrupt
 

@@ -91,14 +91,22 @@ def add_section(page: str, status: str, score, max_score, findings: list[dict]) 
 
 
 def ungradable_page(title: str, status: str, max_score, findings: list[dict]) -> str:
-    """A feedback page for a submission nbgrader could not grade."""
+    """A feedback page for a submission nbgrader could not grade, or that is missing."""
+    if status == "missing":  # scored 0, as nbgrader scores a missing notebook
+        score = 0.0
+        text = ("No notebook was found for this one, so it scores 0. If you did hand it in, check "
+                "with your instructor that it was saved as &lt;chapter&gt;/&lt;notebook&gt;.ipynb "
+                "with the names above.")
+    else:
+        score = None
+        text = ("Your notebook could not be graded, so it has no score yet. Fix the problem named "
+                "above and submit again, or ask your instructor.")
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
         + html.escape(title)
         + "</title></head><body style=\"font-family: sans-serif; margin: 2em\">\n<h1>"
         + html.escape(title)
         + "</h1>\n"
-        + _section(status, None, max_score, findings)
-        + "\n<p>Your notebook could not be graded, so it has no score yet. Fix the problem named "
-        "above and submit again, or ask your instructor.</p>\n</body></html>\n"
+        + _section(status, score, max_score, findings)
+        + f"\n<p>{text}</p>\n</body></html>\n"
     )

@@ -488,7 +488,21 @@ def scan(sub, rel) -> list[Finding]:
         if f not in seen:
             seen.add(f)
             unique.append(f)
-    return unique
+    return [f for f in unique if not _inside_another(f, unique)]
+
+
+def _inside_another(f: Finding, findings: list[Finding]) -> bool:
+    """One line of code gives a finding per nested expression ('/proc', then
+    os.listdir('/proc')); keep the outermost, so the report has a row per thing done."""
+    where, _, detail = f.detail.partition(": ")
+    snippet = detail.rpartition(": ")[2]
+    for g in findings:
+        g_where, _, g_detail = g.detail.partition(": ")
+        g_snippet = g_detail.rpartition(": ")[2]
+        if (g is not f and g.finding == f.finding and g_where == where and snippet
+                and snippet != g_snippet and snippet in g_snippet):
+            return True
+    return False
 
 
 # -- repair -----------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ _grading/gradebook.db afterwards. Autograding is nbgrader's own ``Autograde`` co
 changes made by configuration:
 
 * the kernel is the sandboxed "qkv-grader" kernel spec (sandbox.py), not the notebook's own;
-* ``Execute`` is :class:`QkvExecute`, which checks after each test cell that the cell's code
-  really ran (an IPython input transformer installed by a learner can blank later cells, which
-  nbgrader would otherwise score as passed).
+* ``Execute`` is :class:`QkvExecute`, which, before each test cell, puts back the import-time
+  numpy/qkv/builtins/torch namespaces (so ``qkv.grading.check_x = lambda *a: None`` in an answer
+  cell cannot replace the checker that the test cell re-imports), and checks after each test cell
+  that the cell's code really ran (an IPython input transformer installed by a learner can blank
+  later cells, which nbgrader would otherwise score as passed).
 
 The result (status, score, per-test scores, integrity findings) is written atomically to the
 job's result file; the feedback page to the job's feedback path.
@@ -46,7 +48,15 @@ FINDINGS.setdefault(
     "a test cell's code did not run as written (e.g. an IPython input transformer); no credit",
 )
 CANARY_ERROR = "QkvTestDidNotRun"
+# Evaluated in the kernel before each test cell: qkv.grading._trusted.resanitize() puts every
+# function and module that numpy, qkv (qkv.grading's checkers included), builtins and torch held
+# when qkv.grading was imported back in place. A no-op if the notebook never imported it.
+RESET_EXPRESSION = ("(lambda m: m and m.resanitize())"
+                    "(__import__('sys').modules.get('qkv.grading._trusted'))")
 MAX_STREAM_CHARS = 100_000
+# The cell QkvExecute is running (its grade id, or "cell N"); None between cells. When nbgrader
+# gives up on a notebook (a kernel that died or ignored the interrupt), this names the culprit.
+RUNNING: dict[str, str | None] = {"cell": None}
 UID_BASE = 1_700_000_000  # kernels run as UID_BASE + worker pid (root only; see sandbox.py)
 
 
@@ -76,9 +86,19 @@ def _make_preprocessors():
         on the way in: the cell gets an error output, so nbgrader scores it zero."""
 
         def preprocess_cell(self, cell, resources, index):
+            RUNNING["cell"] = cell.metadata.get("nbgrader", {}).get("grade_id") or (
+                f"cell {index + 1}")
+            out = self._run_cell(cell, resources, index)
+            RUNNING["cell"] = None
+            return out
+
+        def _run_cell(self, cell, resources, index):
             if not (cell.cell_type == "code" and is_grade(cell) and not is_solution(cell)
                     and cell.source.strip()):
                 return super().preprocess_cell(cell, resources, index)
+            # Learner code may have rebound qkv.grading.check_x (which the test cell re-imports),
+            # np.allclose, ...: put the import-time objects back first (qkv.grading._trusted).
+            run_sync(self._evaluate)(RESET_EXPRESSION)
             token = secrets.token_hex(12)
             name = f"_qkv_ran_{token[:10]}"
             original = cell.source
@@ -88,7 +108,7 @@ def _make_preprocessors():
             finally:
                 cell.source = original
             failed = any(o.get("output_type") == "error" for o in cell.get("outputs", []))
-            if not failed and not run_sync(self._ran)(name, token):
+            if not failed and run_sync(self._evaluate)(name) != repr(token):
                 cell.outputs.append(nbformat.v4.new_output(
                     "error",
                     ename=CANARY_ERROR,
@@ -98,20 +118,24 @@ def _make_preprocessors():
                 ))
             return cell, resources
 
-        async def _ran(self, name: str, token: str) -> bool:
+        async def _evaluate(self, expression: str) -> str | None:
+            """The repr of ``expression`` evaluated in the kernel, or None on an error or no
+            answer. Sent as a ``user_expressions`` of an empty silent request, which IPython
+            evaluates without passing it through input transformers."""
             msg_id = await ensure_async(self.kc.execute(
-                "", silent=True, store_history=False, user_expressions={"v": name}))
+                "", silent=True, store_history=False, user_expressions={"v": expression}))
             deadline = time.monotonic() + 10
             while (left := deadline - time.monotonic()) > 0:
                 try:
                     msg = await ensure_async(self.kc.shell_channel.get_msg(timeout=left))
                 except Empty:
-                    return False
+                    return None
                 if msg["parent_header"].get("msg_id") == msg_id:
                     value = msg["content"].get("user_expressions", {}).get("v", {})
-                    text = value.get("data", {}).get("text/plain", "")
-                    return value.get("status") == "ok" and text == repr(token)
-            return False
+                    if value.get("status") != "ok":
+                        return None
+                    return value.get("data", {}).get("text/plain", "")
+            return None
 
     class TrimOutput(NbGraderPreprocessor):
         """LimitOutput counts lines; this caps characters too (one 100 MB line is one line)."""
@@ -127,12 +151,14 @@ def _make_preprocessors():
 
 # -- one submission ------------------------------------------------------------------------------
 
-def _status_from_log(text: str) -> str:
+def _status_from_log(text: str, cell: str | None = None) -> str:
+    where = f" in {cell}" if cell else ""
     if re.search(r"DeadKernelError|Kernel died", text):
-        return "ungradable: kernel died (os._exit, a crash, or out of memory)"
+        return f"ungradable: kernel died{where} (os._exit, a crash, or out of memory)"
     if re.search(r"Timeout waiting for IOPub|UnresponsiveKernelError|interrupt", text, re.I) and \
             re.search(r"[Tt]imeout", text):
-        return "ungradable: timeout (a cell ran too long and the kernel ignored the interrupt)"
+        return (f"ungradable: timeout{where} (a cell ran too long and the kernel ignored the "
+                "interrupt)")
     if re.search(r"kernel_info|Kernel didn't respond|Failed to run command", text):
         return "ungradable: the kernel did not start"
     if re.search(r"failed to validate|ValidationError|SchemaTooOld|SchemaTooNew", text):
@@ -170,6 +196,9 @@ def _config(job: dict, scratch: Path):
         str(Path(__file__).parent / "templates"),
         *[d for d in cfg.HTMLExporter.get("extra_template_basedirs", []) if "nbgrader" in d],
     ]
+    # Feedback is opened by the student and often by the instructor, in a browser, from disk: a
+    # learner's HTML or JavaScript output must not run there (or restyle the grader's own box).
+    cfg.HTMLExporter.sanitize_html = True
     cfg.Application.log_level = "INFO"
     return cfg
 
@@ -197,6 +226,7 @@ def grade(job: dict) -> dict:
     uid = UID_BASE + os.getpid()
     result = {k: job[k] for k in ("student", "chapter", "notebook", "sha256", "source_sha256")}
     result.update(score=None, max_score=job.get("max_score"), grades=[], findings=[], notes=[])
+    note = job.get("status_note", "")  # " (submitted as 'softmax (1).ipynb')" for a renamed file
     page = None
     try:
         submitted = nbformat.read(job["submission"], as_version=4)
@@ -228,6 +258,7 @@ def grade(job: dict) -> dict:
         os.environ["JUPYTER_PATH"] = str(scratch / "jupyter")
 
         cfg = _config(job, scratch)
+        RUNNING["cell"] = None
         out = run(Autograde, cfg, assignment_id=chapter, student_id=student, notebook_id=notebook)
         log = (out.get("log") or "") + (out.get("error") or "")
         result["log_tail"] = log[-4000:]
@@ -245,7 +276,7 @@ def grade(job: dict) -> dict:
                         notes.append(f"{where} timed out and was interrupted")
                     if o.get("ename") == CANARY_ERROR:
                         findings.append({"finding": "test-cell-not-run", "detail": where})
-            status = "graded" + (" (needs manual grading)" if manual else "")
+            status = "graded" + note + (" (needs manual grading)" if manual else "")
             if notes:
                 status += " (" + "; ".join(notes) + ")"
             result.update(score=score, max_score=max_score, grades=grades, notes=notes)
@@ -263,10 +294,10 @@ def grade(job: dict) -> dict:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(autograded, dest)
         else:
-            status = _status_from_log(log)
+            status = _status_from_log(log, RUNNING["cell"]) + note
         result["status"] = status
     except Exception as e:  # noqa: BLE001 - any failure must end as a row, never a crash
-        result["status"] = f"ungradable: grading error ({type(e).__name__}: {e})"[:300]
+        result["status"] = f"ungradable: grading error ({type(e).__name__}: {e})"[:300] + note
         result["log_tail"] = traceback.format_exc()[-4000:]
     finally:
         kill_uid(uid)  # anything the kernel left running
