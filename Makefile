@@ -39,7 +39,7 @@ release: $(STAMP)
 
 grade: $(STAMP)
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=dir  (dir/<student>/<chapter>/<notebook>.ipynb)"; exit 2; }
-	$(BIN)/python -m qkv.grading grade "$(SUBMISSIONS)"
+	$(BIN)/python -m qkv.grading grade "$(SUBMISSIONS)" $(GRADE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -64,3 +64,7 @@ c.HTMLExporter.extra_template_basedirs = [
                  "templates"),
 ]
 c.HTMLExporter.mathjax_url = "../../mathjax/tex-svg.js"
+
+# Feedback pages show the learner's output: no live script or style in them (the grader sets it
+# for its own runs too; this covers `nbgrader generate_feedback` run by hand).
+c.HTMLExporter.sanitize_html = True
