@@ -807,3 +807,14 @@ def test_notebook_points():
         ("inside_a_model", "prev-tests"): 2, ("inside_a_model", "ind-tests"): 2,
         ("inside_a_model", "ablate-tests"): 2, ("inside_a_model", "lens-tests"): 2,
     }
+
+
+def test_a_long_list_input_is_summarised_in_messages():
+    """40 hidden merges are not printed in full: the first two, the last, and how many."""
+    from qkv.grading.engine import Case, _describe
+
+    merges = [(i, i + 1) for i in range(40)]
+    text = _describe(Case(("abc", merges), ("text", "merges")))
+    assert text == ("text = 'abc' and merges = [(0, 1), (1, 2), ... 37 more ..., (39, 40)] "
+                    "(40 items)"), text
+    assert _describe(Case(([1, 2, 3],), ("ids",))) == "ids = [1, 2, 3]"

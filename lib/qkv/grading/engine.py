@@ -476,6 +476,9 @@ def _describe(case: Case) -> str:
                 parts.append(f"{name} of shape {_shape(value)}")
         elif _t.type_(value) is dict:
             parts.append(f"{name} (a dict of weights)")
+        elif _t.type_(value) is list and _t.len_(value) > 12:  # e.g. 40 merges: say how many
+            parts.append(f"{name} = [{value[0]!r}, {value[1]!r}, ... {_t.len_(value) - 3} more"
+                         f" ..., {value[-1]!r}] ({_t.len_(value)} items)")
         else:
             parts.append(f"{name} = {value!r}")
     if not parts:

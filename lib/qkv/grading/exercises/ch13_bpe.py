@@ -229,9 +229,9 @@ MERGE = Exercise(
 
 
 def _encode_variant(text, merges, *, chunks=True, pick="lowest", units="bytes", first=256,
-                    rounds=None):
+                    rounds=None, pattern=None):
     ranks = {tuple(p): r for r, p in enumerate(merges)}
-    pieces = _PATTERN.findall(text) if chunks else [text]
+    pieces = (pattern or _PATTERN).findall(text) if chunks else [text]
     out = []
     for piece in pieces:
         ids = list(piece.encode("utf-8")) if units == "bytes" else [ord(c) for c in piece]
@@ -292,6 +292,14 @@ def _encode_mistakes(text, merges):
         "{name} applies only one merge to each chunk; repeat: find the lowest-rank pair again "
         "in the merged chunk, until no adjacent pair is in merges.",
         lambda t, m: _encode_variant(t, m, rounds=1))
+    yield Mistake(
+        "{name} cuts the text with a simpler pattern of its own (words with their leading "
+        "space, as \" ?\\S+\" does): PATTERN also splits letters from digits and punctuation "
+        "('cat' and \"'s\", 'café' and '?'). Use regex.findall(PATTERN, text) exactly.",
+        lambda t, m: _encode_variant(t, m, pattern=_SIMPLE_WORDS))
+
+
+_SIMPLE_WORDS = regex.compile(r" ?\S+|\s+")
 
 
 def _encode_cases(hidden: bool):
@@ -309,7 +317,11 @@ def _encode_cases(hidden: bool):
                      "The merge (101, 32), 'e' + ' ', never applies: 'e' and ' ' are in "
                      "different chunks."),
                 Case(("café au lait", [(195, 169), (ord("f"), 256), (ord("a"), ord("u"))]),
-                     names, "'é' is two bytes, 195 and 169, which the first merge joins.")]
+                     names, "'é' is two bytes, 195 and 169, which the first merge joins."),
+                Case(("it's 2 cats!", [(ord("s"), sp), (t, ord("'")), (ord("s"), ord("!")),
+                                        (ord("i"), t)]),
+                     names, "PATTERN cuts it|'s| 2| cats|!: the merges (115, 32), 's' + ' ', "
+                     "(116, 39), 't' + \"'\", and (115, 33), 's' + '!', never apply.")]
     merges = list(_HIDDEN_MERGES)
     return [Case(("Is that the cat's café? 東京, 12 hats 🙂", merges), names,
                  "40 merges learned from a small text, on new text."),
