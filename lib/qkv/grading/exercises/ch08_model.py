@@ -324,7 +324,10 @@ def _next_cases(hidden: bool):
         rng = _t.default_rng(802)
         return [Case((_normal(rng, 5, 7, scale=2.0),), ("logits",)),
                 Case((_normal(rng, 2, 4, 6, scale=2.0),), ("logits",),
-                     "logits is (batch, seq, vocab) here: one distribution per sequence.")]
+                     "logits is (batch, seq, vocab) here: one distribution per sequence."),
+                Case((_normal(rng, 3, 6, scale=500.0),), ("logits",),
+                     "The logits are large here (hundreds): subtract the row maximum before "
+                     "exp, as chapter 4's softmax does.")]
     rng = _t.default_rng(8102)
     return [Case((_normal(rng, 1, 10),), ("logits",), "seq = 1 here."),
             Case((_normal(rng, 3, 8, scale=500.0),), ("logits",), "The logits are large here."),
