@@ -55,6 +55,13 @@ def _step_inverted(m, l, s):
     return m_new, l * np.exp(shift - m) + np.exp(s - shift[..., None]).sum(axis=-1)
 
 
+def _step_raw_exp(m, l, s):
+    """exp(s - m_new) rewritten as exp(s) * exp(-m_new): equal on paper, inf * 0 in floats."""
+    m_new = np.maximum(m, s.max(axis=-1))
+    shift = np.where(m_new == -np.inf, 0.0, m_new)
+    return m_new, l * np.exp(m - shift) + np.exp(s).sum(axis=-1) * np.exp(-shift)
+
+
 def _step_unguarded(m, l, s):
     m_new = np.maximum(m, s.max(axis=-1))
     return m_new, l * np.exp(m - m_new) + np.exp(s - m_new[..., None]).sum(axis=-1)
@@ -148,24 +155,30 @@ def _softmax_each_block(x, block):
 
 def flash_attention(q, k, v, causal, block_q, block_k, *, rescale_l=True, rescale_acc=True,
                     divide_once=True, stop=0, mask=True, local=False, diagonal=False,
-                    keep_max=True, use_max=True):
+                    keep_max=True, use_max=True, walk="position", aligned_only=False,
+                    inverted=False, scale="sqrt"):
     """A learner's tiled forward; the keywords switch on one mistake each."""
     seq, d = q.shape[-2:]
     out = np.zeros(np.broadcast_shapes(q.shape, v.shape))
     for qs in range(0, seq, block_q):
         qe = min(qs + block_q, seq)
-        scores_q = q[..., qs:qe, :] / np.sqrt(d)
+        scores_q = q[..., qs:qe, :] / (np.sqrt(d) if scale == "sqrt" else d)
         m = np.full(scores_q.shape[:-1], -np.inf)
         l = np.zeros(scores_q.shape[:-1])
         acc = np.zeros(scores_q.shape[:-1] + (v.shape[-1],))
-        last = qe + stop if causal else seq
-        for ks in range(0, last, block_k):
+        last = {"position": qe + stop, "before": qs}.get(walk) if causal else seq
+        if walk == "tile index" and causal:  # key tiles 0..i for query tile i
+            starts = [j * block_k for j in range(qs // block_q + 1) if j * block_k < seq]
+        else:
+            starts = range(0, last, block_k)
+        for ks in starts:
             ke = min(ks + block_k, seq)
             s = scores_q @ np.swapaxes(k[..., ks:ke, :], -1, -2)
-            if causal and mask:
+            if causal and mask and (ks == qs or not aligned_only):
                 rows, cols = (np.arange(qe - qs), np.arange(ke - ks)) if local else (
                     np.arange(qs, qe), np.arange(ks, ke))
                 allowed = (cols[None, :] < rows[:, None] if diagonal
+                           else cols[None, :] >= rows[:, None] if inverted
                            else cols[None, :] <= rows[:, None])
                 s = np.where(allowed, s, -np.inf)
             m_new = np.maximum(m, s.max(-1)) if use_max else np.zeros_like(m)
@@ -243,6 +256,7 @@ DECLARED = [
         mistakes=[(_step_no_rescale, "does not rescale the running sum"),
                   (_step_inverted, "exp(m_new - m)"),
                   (_step_unguarded, "seen only -inf"),
+                  (_step_raw_exp, "exp of the raw scores"),
                   (lambda m, l, s: online_step(m, l, s)[1], "should return 2 things"),
                   (lambda m, l, s: online_step(m, l, s)[::-1], "the wrong way round"),
                   (lambda m, l, s: (np.maximum(m, s.max(-1)),
@@ -268,6 +282,11 @@ DECLARED = [
              "does not rescale the output accumulator"),
             (lambda *a: flash_attention(*a, divide_once=False), "divides by the running sum"),
             (lambda *a: flash_attention(*a, stop=-1), "stops one key too early"),
+            (lambda *a: flash_attention(*a, walk="before"), "stops before the diagonal"),
+            (lambda *a: flash_attention(*a, walk="tile index"), "counts key tiles like query"),
+            (lambda *a: flash_attention(*a, aligned_only=True), "masks only the key tile"),
+            (lambda *a: flash_attention(*a, inverted=True), "blocks the past"),
+            (lambda *a: flash_attention(*a, scale="d"), "divides q @ k^T by d_head"),
             (lambda *a: flash_attention(*a, mask=False), "does not mask inside"),
             (lambda *a: flash_attention(*a, local=True), "positions inside the tile"),
             (lambda *a: flash_attention(*a, diagonal=True), "blocks the diagonal too"),

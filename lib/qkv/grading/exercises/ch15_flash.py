@@ -41,6 +41,8 @@ def _step(m, l, s, *, rescale="right", new_max="right", terms="new", guard=True)
     shift = _safe(m_new) if guard else m_new
     alpha = {"right": np.exp(m - shift), "none": 1.0, "inverted": np.exp(shift - m),
              "dropped": 0.0}[rescale]
+    if terms == "raw":  # exp(s) * exp(-m_new): the same number until exp(s) overflows
+        return m_new, alpha * l + np.exp(s).sum(axis=-1) * np.exp(-shift)
     against = shift if terms == "new" else (_safe(m) if guard else m)
     return m_new, alpha * l + np.exp(s - against[..., None]).sum(axis=-1)
 
@@ -69,6 +71,11 @@ def _step_mistakes(m, l, s):
         "block's terms, not the block's terms alone.",
         lambda m, l, s: _step(m, l, s, rescale="dropped"))
     yield Mistake(
+        "{name} takes exp of the raw scores (exp(s) * exp(-m_new) is the right number only "
+        "while exp(s) does not overflow): with scores in the hundreds exp(s) is inf, and "
+        "inf * 0 is nan. Subtract inside exp: exp(s - m_new) <= 1.",
+        lambda m, l, s: _step(m, l, s, terms="raw"))
+    yield Mistake(
         "{name} returns the pair the wrong way round: return (m_new, l_new), the max first.",
         lambda m, l, s: _step(m, l, s)[::-1])
 
@@ -87,9 +94,10 @@ def _step_cases(hidden: bool):
                  "The first block: m = -inf and l = 0 for every row; row 1 of s is all -inf, "
                  "so that row must keep m = -inf and l = 0."),
             Case((np.array([[3.0, 40.0, -2.0], [0.0, 1.0, 60.0]]), np.array([[1.0, 2.5, 1.2],
-                  [1.1, 1.0, 1.4]]), _normal(rng, 2, 3, 4, scale=50.0)), names,
-                 "Rows in a (2, 3) batch with large scores: exp must never see a big positive "
-                 "number."),
+                  [1.1, 1.0, 1.4]]), _normal(rng, 2, 3, 4, scale=400.0)), names,
+                 # scale 400: scores up to about 1000, and exp overflows above ~709
+                 "Rows in a (2, 3) batch with scores in the hundreds: exp must never see a big "
+                 "positive number."),
         ]
     rng = _t.default_rng(115)
     blocked = np.full((2, 3), -np.inf)
@@ -246,34 +254,41 @@ STREAMING_SOFTMAX = Exercise(
 
 
 def _tiled(q, k, v, causal, block_q, block_k, *, rescale_l=True, acc="right", divide="once",
-           stop="right", mask_diagonal=True, mask="global", scale=True, carry_max=True,
+           stop="right", mask_diagonal=True, mask="global", scale="sqrt", carry_max=True,
            shift=True):
     seq, d_head = q.shape[-2:]
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    # The task promises every row sees key 0, so a learner needs no -inf guard; with the mask
+    # inverted, rows miss key 0 and (-inf) - (-inf) gives that learner nan.
+    safe = (lambda m: m) if mask == "inverted" else _safe
     out = np.zeros(lead + (seq, v.shape[-1]))
     for qs in range(0, seq, block_q):
         qe = min(qs + block_q, seq)
-        qb = q[..., qs:qe, :] / (math.sqrt(d_head) if scale else 1.0)
+        qb = q[..., qs:qe, :] / {"sqrt": math.sqrt(d_head), "none": 1.0, "d": d_head}[scale]
         m = np.full(lead + (qe - qs,), -np.inf)
         l = np.zeros(lead + (qe - qs,))
         o = np.zeros(lead + (qe - qs, v.shape[-1]))
-        end = {"right": qe, "off by one": qe - 1, "first row": qs + 1}[stop] if causal else seq
+        end = {"right": qe, "off by one": qe - 1, "first row": qs + 1, "before diagonal": qs,
+               # key tile i for query tile i, counted in tiles: right only if block_q <= block_k
+               "tile index": min((qs // block_q + 1) * block_k, seq)}[stop] if causal else seq
         for ks in range(0, end, block_k):
             ke = min(ks + block_k, seq)
             s = qb @ np.swapaxes(k[..., ks:ke, :], -1, -2)
-            if causal and mask_diagonal:
-                keys, queries = {"global": (np.arange(ks, ke), np.arange(qs, qe)),
-                                 "diagonal": (np.arange(ks, ke) + 1, np.arange(qs, qe)),
-                                 "local": (np.arange(ke - ks), np.arange(qe - qs))}[mask]
-                s = np.where(keys[None, :] <= queries[:, None], s, -np.inf)
+            if causal and mask_diagonal and (mask != "aligned only" or ks == qs):
+                keys, queries = {"diagonal": (np.arange(ks, ke) + 1, np.arange(qs, qe)),
+                                 "local": (np.arange(ke - ks), np.arange(qe - qs))}.get(
+                                     mask, (np.arange(ks, ke), np.arange(qs, qe)))
+                allowed = (keys[None, :] >= queries[:, None] if mask == "inverted"
+                           else keys[None, :] <= queries[:, None])
+                s = np.where(allowed, s, -np.inf)
             if divide == "tile softmax":  # each tile's own softmax, the results added
                 o = o + _t.ref_softmax(s) @ v[..., ks:ke, :]
                 continue
             m_new = np.maximum(m, s.max(axis=-1))
             if not shift:  # no running max at all: exp of the raw scores
                 m_new = np.zeros_like(m_new)
-            alpha = np.exp(m - _safe(m_new)) if shift else np.ones_like(m)
-            p = np.exp(s - _safe(m_new)[..., None])
+            alpha = np.exp(m - safe(m_new)) if shift else np.ones_like(m)
+            p = np.exp(s - safe(m_new)[..., None])
             l = (alpha if rescale_l else 1.0) * l + p.sum(axis=-1)
             if acc == "right":
                 o = alpha[..., None] * o
@@ -286,8 +301,10 @@ def _tiled(q, k, v, causal, block_q, block_k, *, rescale_l=True, acc="right", di
             if carry_max:
                 m = m_new
         if divide == "once":
-            # with the diagonal blocked, query 0 sees no key: a learner's 0 / 0 gives nan there
-            o = o / (l if mask == "diagonal" else np.where(l > 0, l, 1.0))[..., None]
+            # with the diagonal blocked, query 0 sees no key (and with the walk stopped before
+            # the diagonal, the first tile sees none): a learner's 0 / 0 gives nan there
+            no_key = mask == "diagonal" or stop == "before diagonal"
+            o = o / (l if no_key else np.where(l > 0, l, 1.0))[..., None]
         out[..., qs:qe, :] = o
     return out
 
@@ -328,6 +345,19 @@ def _tiled_mistakes(q, k, v, causal, block_q, block_k):
             "before q_stop: range(0, q_stop, block_k), not range(0, q_stop - 1, block_k).",
             variant(stop="off by one"))
         yield Mistake(
+            "{name}'s causal walk stops before the diagonal: it visits only the key tiles that "
+            "start before q_start, so the first tile of queries sees no key at all (0 / 0 is "
+            "nan) and no query sees itself. Visit the key tiles that start before q_stop: "
+            "range(0, q_stop, block_k).",
+            variant(stop="before diagonal"))
+        yield Mistake(
+            "{name}'s causal walk counts key tiles like query tiles (key tiles 0..i for query "
+            "tile i). That reaches the diagonal only while block_q <= block_k; here block_q = "
+            f"{block_q} > block_k = {block_k}, and the last queries of a tile miss their last "
+            "keys. Walk by position: visit the key tiles that start before q_stop, "
+            "range(0, q_stop, block_k).",
+            variant(stop="tile index"))
+        yield Mistake(
             "{name}'s causal walk stops after the tile's FIRST query's keys; the later queries "
             "of the tile see more. Stop after the last query's keys: range(0, q_stop, block_k).",
             variant(stop="first row"))
@@ -335,6 +365,15 @@ def _tiled_mistakes(q, k, v, causal, block_q, block_k):
             "{name} skips the tiles above the diagonal but does not mask inside the diagonal "
             "tiles: there key j must still be blocked (-inf) for query i < j.",
             variant(mask_diagonal=False))
+        yield Mistake(
+            "{name} masks only the key tile that starts where the query tile starts "
+            "(k_start == q_start). With block_q != block_k the diagonal crosses other key tiles "
+            "too: mask every tile you visit, blocking key j for query i when j > i.",
+            variant(mask="aligned only"))
+        yield Mistake(
+            "{name} blocks the past instead of the future: query i may attend keys j <= i, so "
+            "set the scores with j > i to -inf (not those with j < i).",
+            variant(mask="inverted"))
         yield Mistake(
             "{name} builds the causal mask from positions inside the tile (0, 1, ... for both "
             "the tile's queries and its keys); compare positions in the whole sequence: key "
@@ -352,7 +391,11 @@ def _tiled_mistakes(q, k, v, causal, block_q, block_k):
     yield Mistake(
         f"{{name}} does not scale the scores: divide q @ k^T by sqrt(d_head) = "
         f"sqrt({q.shape[-1]}).",
-        variant(scale=False))
+        variant(scale="none"))
+    yield Mistake(
+        f"{{name}} divides q @ k^T by d_head = {q.shape[-1]}; the scale is 1 / sqrt(d_head) = "
+        f"1 / sqrt({q.shape[-1]}).",
+        variant(scale="d"))
 
 
 def _tiled_case(rng, shape, causal, block_q, block_k, note="", scale=1.0, dtype=np.float64):
@@ -367,9 +410,9 @@ def _tiled_cases(hidden: bool):
         return [_tiled_case(rng, (10, 4), False, 4, 3, "No mask; 10 rows in tiles of 4 and 3."),
                 _tiled_case(rng, (9, 4), True, 3, 4, "Causal, block_q = 3, block_k = 4.",
                             scale=1.5),
-                _tiled_case(rng, (2, 11, 8), True, 4, 4,
-                            "Causal, a (2, 11, 8) batch: tiles of 4 with a short last one.",
-                            scale=1.5),
+                _tiled_case(rng, (2, 11, 8), True, 4, 3,
+                            "Causal, a (2, 11, 8) batch: block_q = 4 is larger than block_k = 3, "
+                            "and the last tiles are short.", scale=1.5),
                 # scale 30: scores up to a few thousand; exp overflows above ~709
                 _tiled_case(rng, (8, 4), False, 4, 3,
                             "Large scores (up to thousands): exp must only ever see s - m <= 0.",
@@ -381,7 +424,8 @@ def _tiled_cases(hidden: bool):
             _tiled_case(rng, (2, 3, 13, 8), True, 4, 5, "Causal, (batch, n_head, seq, d_head).",
                         scale=2.0),
             _tiled_case(rng, (16, 8), False, 8, 4, "float32 here.", dtype=np.float32),
-            _tiled_case(rng, (12, 4), True, 4, 4, "Causal, tiles aligned with the diagonal.")]
+            _tiled_case(rng, (12, 4), True, 4, 4, "Causal, tiles aligned with the diagonal."),
+            _tiled_case(rng, (3, 14, 4), True, 6, 4, "Causal, block_q = 6 > block_k = 4.")]
 
 
 FLASH_ATTENTION = Exercise(
