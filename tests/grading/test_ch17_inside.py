@@ -69,6 +69,35 @@ def _lens_without_norm(resid, gamma, beta, wte):
     return resid @ wte.T
 
 
+def _lens_axis_two(resid, gamma, beta, wte):
+    """Written for (batch, seq, d_model): axis=2 is d_model only with one batch axis."""
+    mu = resid.mean(axis=2, keepdims=True)
+    var = resid.var(axis=2, keepdims=True)
+    return ((resid - mu) / np.sqrt(var + 1e-5) * gamma + beta) @ wte.T
+
+
+def _prev_one_batch_axis_at_most(pattern):
+    """Handles 'no batch axis' and 'one batch axis', not two."""
+    t = np.arange(1, pattern.shape[-1])
+    picked = pattern[..., t, t - 1]
+    if picked.ndim == 3:
+        picked = picked.mean(axis=0)
+    return picked.mean(axis=-1)
+
+
+def _ind_queries_from_one(pattern, half, first=1):
+    """The previous-token loop copied over: negative keys wrap to masked zeros."""
+    t = np.arange(first, pattern.shape[-1])
+    return pattern[..., t, t - half + 1].reshape(-1, pattern.shape[-3], len(t)).mean(axis=(0, 2))
+
+
+def _mean_ablation(z, head, over_everything=False):
+    out = z.copy()
+    part = z[..., head, :, :]
+    out[..., head, :, :] = part.mean() if over_everything else part.mean(axis=0)
+    return out
+
+
 DECLARED = [
     Declared(
         check_previous_token_score,
@@ -81,6 +110,9 @@ DECLARED = [
              .sum((0, 2)) / (np.prod(p.shape[:-3], dtype=int) * p.shape[-1]), "divides by seq"),
             (lambda p: np.stack([p[..., h, 1:, :-1].diagonal(0, -2, -1).sum(-1).mean()
                                  for h in range(p.shape[-3])]), "sums the diagonal"),
+            (lambda p: np.mean([p[..., t, t - 1] for t in range(1, p.shape[-1] - 1)], axis=0)
+             .reshape(-1, p.shape[-3]).mean(0), "leaves out the last query"),
+            (_prev_one_batch_axis_at_most, ["returned shape", "two batch axes here"]),
         ],
         alternatives=[previous_token_score, previous_token_score_loops,
                       lambda p: torch.diagonal(p, -1, -2, -1).reshape(-1, p.shape[-3],
@@ -98,6 +130,10 @@ DECLARED = [
              .mean((0, 2)), "above the diagonal"),
             (lambda p, n: np.mean([p[..., t, t - n + 1] for t in range(n, p.shape[-1] - 1)],
                                   axis=0).reshape(-1, p.shape[-3]).mean(0), "last query"),
+            (_ind_queries_from_one, "from t = 1"),
+            (lambda p, n: _ind_queries_from_one(p, n, first=0), "every query t = 0..seq-1"),
+            (lambda p, n: np.mean([p[..., t, t - n + 1] for t in range(n + 1, p.shape[-1])],
+                                  axis=0).reshape(-1, p.shape[-3]).mean(0), "leaves out t = half"),
         ],
         alternatives=[induction_score, induction_score_index,
                       lambda p, n: torch.stack([p[..., h, n:, :].diagonal(1, -2, -1).mean()
@@ -113,6 +149,8 @@ DECLARED = [
             (lambda z, h: z * (np.arange(z.shape[-3]) == h)[:, None, None], "keeps only"),
             (lambda z, h: np.concatenate([z[:, :h], np.zeros_like(z[:, h:h + 1]), z[:, h + 1:]],
                                          axis=1), "axis 1"),
+            (_mean_ablation, "mean ablation"),
+            (lambda z, h: _mean_ablation(z, h, over_everything=True), "mean ablation"),
         ],
         alternatives=[ablate_head,
                       lambda z, h: z * (np.arange(z.shape[-3]) != h)[:, None, None],
@@ -137,6 +175,7 @@ DECLARED = [
             (lambda r, g, b, w: qnp.layer_norm(r, g, np.zeros_like(b)) @ w.T, "leaves out beta"),
             (lambda r, g, b, w: qnp.layer_norm(r, np.ones_like(g), b) @ w.T, "leaves out gamma"),
             (lambda r, g, b, w: qnp.softmax(qnp.layer_norm(r, g, b) @ w.T), "probabilities"),
+            (_lens_axis_two, ["sequence axis", "axis=-1"]),
         ],
         alternatives=[logit_lens, logit_lens_torch,
                       lambda r, g, b, w: np.einsum("...d,vd->...v", qnp.layer_norm(r, g, b), w)],

@@ -28,6 +28,13 @@ def _diagonal_mean(pattern, offset, first_query, divide_by=None):
     return total / (picked.shape[0] * (len(t) if divide_by is None else divide_by))
 
 
+def _drop_last_query(pattern, offset, first_query):
+    """_diagonal_mean without the last query t = seq - 1 (a range that stops one short)."""
+    n_head, seq = pattern.shape[-3], pattern.shape[-1]
+    t = np.arange(first_query, seq - 1)
+    return pattern[..., t, t + offset].reshape(-1, n_head, len(t)).mean(axis=(0, 2))
+
+
 # --- previous-token score ----------------------------------------------------------------------
 
 
@@ -61,6 +68,10 @@ def _prev_mistakes(pattern):
         f"{{name}} divides by seq = {seq} instead of the seq - 1 = {seq - 1} queries that have a "
         "previous token (query 0 has none): average over t = 1..seq-1.",
         lambda p: _diagonal_mean(p, -1, 1, divide_by=seq))
+    yield Mistake(
+        "{name} leaves out the last query, t = seq - 1 (range(1, seq - 1) stops one short). "
+        "Average over every t = 1..seq-1.",
+        lambda p: _drop_last_query(p, -1, 1))
 
 
 def _prev_cases(hidden: bool):
@@ -70,7 +81,10 @@ def _prev_cases(hidden: bool):
         return [Case((_patterns(rng, 3, 4, seq=7),), names,
                      "pattern is (batch, n_head, seq, seq) = (3, 4, 7, 7)."),
                 Case((_patterns(rng, 2, seq=5),), names,
-                     "pattern is (n_head, seq, seq) = (2, 5, 5): no batch axis.")]
+                     "pattern is (n_head, seq, seq) = (2, 5, 5): no batch axis."),
+                Case((_patterns(rng, 2, 3, 4, seq=6),), names,
+                     "pattern has two batch axes here: (2, 3, n_head=4, 6, 6). Average over "
+                     "all of them, e.g. after reshape(-1, n_head, ...).")]
     rng = _t.default_rng(117)
     return [Case((_patterns(rng, 2, 3, 6, seq=9),), names,
                  "pattern has two batch axes here: (2, 3, n_head=6, 9, 9)."),
@@ -97,10 +111,6 @@ def _ind_reference(pattern, half):
     return _diagonal_mean(pattern, 1 - half, half)
 
 
-def _drop_last_query(pattern, half):
-    n_head, seq = pattern.shape[-3], pattern.shape[-1]
-    t = np.arange(half, seq - 1)
-    return pattern[..., t, t - half + 1].reshape(-1, n_head, len(t)).mean(axis=(0, 2))
 
 
 def _ind_mistakes(pattern, half):
@@ -119,10 +129,27 @@ def _ind_mistakes(pattern, half):
         "of its token. Average over the second half only, t = half..seq-1.",
         lambda p, n: _diagonal_mean(p, 1 - n, n - 1))
     yield Mistake(
+        "{name} averages over queries from t = 1, as the previous-token score does, instead of "
+        "the second half only: for t < half - 1 the key t - half + 1 is negative, NumPy wraps "
+        "it to the end of the row (a masked 0), and first-half queries have no earlier copy "
+        "anyway. Average over t = half..seq-1.",
+        lambda p, n: _diagonal_mean(p, 1 - n, 1, divide_by=p.shape[-1] - 1))
+    yield Mistake(
+        "{name} averages over every query t = 0..seq-1 instead of the second half only: for "
+        "t < half - 1 the key t - half + 1 is negative, NumPy wraps it to the end of the row "
+        "(a masked 0), and first-half queries have no earlier copy anyway. Average over "
+        "t = half..seq-1.",
+        lambda p, n: _diagonal_mean(p, 1 - n, 0, divide_by=p.shape[-1]))
+    yield Mistake(
+        "{name} starts at query half + 1 and leaves out t = half, the first token of the "
+        "repeat: its earlier copy is key 0, and the token after that copy is key 1. Average "
+        "over every t = half..seq-1.",
+        lambda p, n: _diagonal_mean(p, 1 - n, n + 1))
+    yield Mistake(
         "{name} leaves out the last query, t = seq - 1. Its token's earlier copy is at half - 1 "
         "and the token after that copy is key half, the first token of the repeat: a key like "
         "any other. Average over every t = half..seq-1.",
-        lambda p, n: _drop_last_query(p, n))
+        lambda p, n: _drop_last_query(p, 1 - n, n))
     yield Mistake(
         f"{{name}} divides by seq = {seq}, as if every query counted; only the seq - half "
         f"second-half queries t = half..seq-1 do.",
@@ -141,7 +168,10 @@ def _ind_cases(hidden: bool):
         return [Case((_patterns(rng, 3, 4, seq=10), 5), names,
                      "pattern is (batch, n_head, seq, seq) = (3, 4, 10, 10), half = 5."),
                 Case((_patterns(rng, 2, seq=12), 6), names,
-                     "pattern is (n_head, seq, seq) = (2, 12, 12): no batch axis; half = 6.")]
+                     "pattern is (n_head, seq, seq) = (2, 12, 12): no batch axis; half = 6."),
+                Case((_patterns(rng, 2, 2, 3, seq=8), 4), names,
+                     "pattern has two batch axes here: (2, 2, n_head=3, 8, 8); half = 4. "
+                     "Average over all of them, e.g. after reshape(-1, n_head, ...).")]
     rng = _t.default_rng(118)
     return [Case((_patterns(rng, 2, 2, 3, seq=16), 8), names,
                  "pattern has two batch axes here: (2, 2, n_head=3, 16, 16); half = 8."),
@@ -173,7 +203,18 @@ def _ablate(z, head, axis):
     return out
 
 
+def _mean_ablate(z, head, axes):
+    out = np.array(z, copy=True)
+    out[..., head, :, :] = z[..., head, :, :].mean(axis=axes, keepdims=True)
+    return out
+
+
 def _ablate_mistakes(z, head):
+    mean_ablation = ("{name} replaces head `head` by its mean: that is mean ablation (the "
+                     "chapter's head_ablation(layer, h, how=\"mean\")). This exercise asks for "
+                     "zero ablation: every entry of z[..., head, :, :] becomes 0.")
+    yield Mistake(mean_ablation, lambda z, h: _mean_ablate(z, h, tuple(range(z.ndim - 3))))
+    yield Mistake(mean_ablation, lambda z, h: _mean_ablate(z, h, None))
     yield Mistake(
         "{name} zeroes z[:, head], axis 1: that is the head axis only when z has exactly one "
         "batch axis. Count from the end instead, where the layout is fixed: z is "
@@ -282,7 +323,8 @@ def _lens_mistakes(resid, gamma, beta, wte):
     if resid.ndim >= 2 and resid.shape[-2] > 1:
         yield Mistake(
             "{name} normalises over the sequence axis; layer norm works on each position's "
-            "vector: mean and variance over the last axis (d_model).",
+            "vector: mean and variance over the last axis (d_model), axis=-1. (A fixed number "
+            "such as axis=2 is d_model only when exactly one batch axis comes first.)",
             lambda r, g, b, w: _lens(r, g, b, w, axis=-2))
 
 
@@ -299,7 +341,10 @@ def _lens_cases(hidden: bool):
         rng = _t.default_rng(20)
         return [Case(_lens_args(rng, 2, 5, d_model=12, vocab=9), names,
                      "resid is (batch, seq, d_model) = (2, 5, 12); wte is (vocab, d_model) = "
-                     "(9, 12).")]
+                     "(9, 12)."),
+                Case(_lens_args(rng, 2, 2, 3, d_model=8, vocab=7), names,
+                     "resid has two batch axes here: (2, 2, seq=3, d_model=8). Count axes "
+                     "from the end: d_model is axis -1 whatever comes in front.")]
     rng = _t.default_rng(120)
     return [Case(_lens_args(rng, 7, d_model=6, vocab=9), names, "resid is (seq, d_model) here."),
             Case(_lens_args(rng, 2, 3, 4, d_model=16, vocab=5), names,
